@@ -1,0 +1,269 @@
+"""Callbacks: progress, per-epoch logs, checkpoints, early stopping, history.
+
+A callback sees the trainer (``self.trainer``) and the logs: per batch, the running
+means of the epoch so far; per epoch, the epoch's means with ``val_``-prefixed
+validation results. Hooks mirror Keras's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text, save_checkpoint
+
+
+class Callback:
+    """Base class: override the hooks you need."""
+
+    trainer: Any = None
+
+    def set_trainer(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, logs: dict | None = None) -> None: ...
+    def on_train_end(self, logs: dict | None = None) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None: ...
+    def on_train_batch_end(self, step: int, logs: dict | None = None) -> None: ...
+
+
+class History(Callback):
+    """Per-epoch logs of a ``fit``: ``history.history["val_accuracy"][epoch]``.
+
+    Every loss term and metric is a key; validation results carry a ``val_`` prefix.
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch.append(epoch)
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(v)
+
+    def to_dict(self) -> dict:
+        return {"epoch": list(self.epoch), "history": {k: list(v) for k, v in self.history.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "History":
+        h = cls()
+        h.epoch = list(data.get("epoch", []))
+        h.history = {k: list(v) for k, v in data.get("history", {}).items()}
+        return h
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch with the running loss terms, metrics and samples per second.
+
+    Args:
+        verbose: 1 for a bar per epoch, 2 for one line per epoch.
+    """
+
+    def __init__(self, verbose: int = 1):
+        self.verbose = verbose
+        self._bar = None
+        self._epochs = 0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._epochs = getattr(self.trainer, "_epochs", 0)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+        self._seen = 0
+        if self.verbose == 1:
+            from tqdm.auto import tqdm
+
+            total = getattr(self.trainer, "_steps_per_epoch", None)
+            self._bar = tqdm(
+                total=total, desc=f"epoch {epoch + 1}/{self._epochs}", unit="batch",
+                leave=True, dynamic_ncols=True, mininterval=0.2,
+            )
+
+    def on_train_batch_end(self, step: int, logs: dict | None = None) -> None:
+        self._seen += getattr(self.trainer, "_last_batch_size", 0)
+        if self._bar is not None:
+            self._bar.update(1)
+            if self._bar.n == 1 or step % 10 == 0:
+                rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
+                post = {k: _fmt(v) for k, v in (logs or {}).items()}
+                post["samples/s"] = f"{rate:.0f}"
+                self._bar.set_postfix(post, refresh=False)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
+        if self._bar is not None:
+            post = {k: _fmt(v) for k, v in (logs or {}).items()}
+            post["samples/s"] = f"{rate:.0f}"
+            self._bar.set_postfix(post, refresh=True)
+            self._bar.close()
+            self._bar = None
+        elif self.verbose == 2:
+            body = " - ".join(f"{k}: {_fmt(v)}" for k, v in (logs or {}).items())
+            print(f"epoch {epoch + 1}/{self._epochs} - {body} - {rate:.0f} samples/s", flush=True)
+
+
+class CSVLogger(Callback):
+    """Appends one row per epoch to a CSV file (``epoch`` + every log key).
+
+    The file is rewritten atomically each epoch, so it is never half-written.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.rows.append({"epoch": epoch, **(logs or {})})
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class JSONLogger(Callback):
+    """Writes one JSON object per epoch to a JSON-lines file (rewritten atomically)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lines: list[str] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.lines.append(json.dumps({"epoch": epoch, **(logs or {})}))
+        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+
+
+def _better(mode: str, value: float, best: float, min_delta: float) -> bool:
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _resolve_mode(monitor: str, mode: str) -> str:
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        return "min" if "loss" in monitor else "max"
+    return mode
+
+
+def _monitored(monitor: str, logs: dict | None, who: str) -> float | None:
+    logs = logs or {}
+    if monitor not in logs:
+        raise KeyError(
+            f"{who} monitors {monitor!r}, but the epoch logs hold only {sorted(logs)}; "
+            "pass validation_data to fit for 'val_' metrics, or monitor one of these"
+        )
+    return float(logs[monitor])
+
+
+class ModelCheckpoint(Callback):
+    """Saves the model after an epoch, atomically (temp file + rename).
+
+    Args:
+        path: destination file; ``{epoch}`` and log keys may be formatted into it.
+        monitor: the log key that decides "best" (e.g. ``"val_accuracy"``).
+        mode: ``"min"``, ``"max"``, or ``"auto"`` (min for losses, max otherwise).
+        save_best_only: only write when ``monitor`` improved.
+        save_optimizer: include the optimizer state (for resuming).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        monitor: str = "val_loss",
+        mode: str = "auto",
+        save_best_only: bool = True,
+        save_optimizer: bool = True,
+        min_delta: float = 0.0,
+    ):
+        self.path = str(path)
+        self.monitor = monitor
+        self.mode = _resolve_mode(monitor, mode)
+        self.save_best_only = save_best_only
+        self.save_optimizer = save_optimizer
+        self.min_delta = min_delta
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch: int | None = None
+        self.last_path: Path | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = _monitored(self.monitor, logs, "ModelCheckpoint") if self.save_best_only else None
+        if self.save_best_only and not _better(self.mode, value, self.best, self.min_delta):
+            return
+        if value is not None:
+            self.best, self.best_epoch = value, epoch
+        path = self.path.format(epoch=epoch + 1, **(logs or {}))
+        t = self.trainer
+        self.last_path = save_checkpoint(
+            path,
+            t.model,
+            optimizer=t.optimizer if self.save_optimizer else None,
+            epoch=epoch,
+            metrics=logs,
+        )
+
+
+class EarlyStopping(Callback):
+    """Stops training when ``monitor`` has not improved for ``patience`` epochs.
+
+    Args:
+        monitor, mode, min_delta: as for :class:`ModelCheckpoint`.
+        patience: epochs without improvement before stopping.
+        restore_best_weights: put back the weights of the best epoch when stopping.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 3,
+        mode: str = "auto",
+        min_delta: float = 0.0,
+        restore_best_weights: bool = False,
+    ):
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience}")
+        self.monitor = monitor
+        self.mode = _resolve_mode(monitor, mode)
+        self.patience = patience
+        self.min_delta = min_delta
+        self.restore_best_weights = restore_best_weights
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch: int | None = None
+        self.stopped_epoch: int | None = None
+        self._wait = 0
+        self._best_state: dict | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._wait = 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = _monitored(self.monitor, logs, "EarlyStopping")
+        if _better(self.mode, value, self.best, self.min_delta):
+            self.best, self.best_epoch, self._wait = value, epoch, 0
+            if self.restore_best_weights:
+                self._best_state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+            return
+        self._wait += 1
+        if self._wait >= max(self.patience, 1):
+            self.stopped_epoch = epoch
+            self.trainer.stop_training = True
+            if self.restore_best_weights and self._best_state is not None:
+                self.trainer.model.load_state_dict(self._best_state)

@@ -1,0 +1,400 @@
+"""Load the small image-classification datasets by name, from disk only.
+
+``load_dataset("fashion_mnist")`` looks for the four IDX files in ``data_dir``, then in
+``$KDISTILL_DATA``, then where Debian's ``dataset-fashion-mnist`` package installs them.
+Nothing is ever downloaded: when the files are nowhere, the error lists every folder
+tried and how to get the data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetNotFoundError
+from .idx import load_idx_images, load_idx_labels
+
+__all__ = [
+    "DATASETS",
+    "DEBIAN_DATASETS",
+    "DatasetSplits",
+    "load_dataset",
+    "split_labelled",
+]
+
+#: Where Debian's ``dataset-*`` packages install their files.
+DEBIAN_DATASETS = Path("/usr/share/datasets")
+
+#: Environment variable naming a folder that holds datasets.
+DATA_ENV = "KDISTILL_DATA"
+
+
+@dataclass(frozen=True)
+class _IdxSpec:
+    debian_name: str  # folder under DEBIAN_DATASETS
+    torchvision_name: str  # torchvision's folder: root/<name>/raw
+    url: str  # official page with the four IDX files
+    apt_package: str | None  # Debian/Ubuntu package, if there is one
+    classes: tuple[str, ...]
+
+
+_IDX_DATASETS: dict[str, _IdxSpec] = {
+    "fashion_mnist": _IdxSpec(
+        debian_name="fashion-mnist",
+        torchvision_name="FashionMNIST",
+        url="https://github.com/zalandoresearch/fashion-mnist",
+        apt_package="dataset-fashion-mnist",
+        classes=(
+            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        ),
+    ),
+    "mnist": _IdxSpec(
+        debian_name="mnist",
+        torchvision_name="MNIST",
+        url="https://yann.lecun.com/exdb/mnist/",
+        apt_package=None,
+        classes=tuple(str(i) for i in range(10)),
+    ),
+    "kmnist": _IdxSpec(
+        debian_name="kmnist",
+        torchvision_name="KMNIST",
+        url="https://github.com/rois-codh/kmnist",
+        apt_package=None,
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    ),
+}
+
+_DIGITS_CLASSES = tuple(str(i) for i in range(10))
+
+#: Names :func:`load_dataset` knows.
+DATASETS: tuple[str, ...] = (*_IDX_DATASETS, "digits")
+
+#: The four IDX files of an MNIST-style dataset, each raw or with ``.gz``.
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSplits:
+    """A dataset's train and test arrays and its class names.
+
+    Attributes:
+        name: canonical dataset name, e.g. ``"fashion_mnist"``.
+        x_train: ``(N, C, H, W)`` float32 images in ``[0, 1]``.
+        y_train: ``(N,)`` int64 labels in ``[0, num_classes)``.
+        x_test: ``(M, C, H, W)`` float32 images.
+        y_test: ``(M,)`` int64 labels.
+        classes: human-readable name of each class, by label.
+    """
+
+    name: str
+    x_train: np.ndarray = field(repr=False)
+    y_train: np.ndarray = field(repr=False)
+    x_test: np.ndarray = field(repr=False)
+    y_test: np.ndarray = field(repr=False)
+    classes: tuple[str, ...] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise ValueError(
+                    f"{self.name}: x_{split} has {len(x)} samples but y_{split} has "
+                    f"{len(y)}; images and labels must come from the same split"
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(
+                f"{self.name}: train samples have shape {self.x_train.shape[1:]} but test "
+                f"samples {self.x_test.shape[1:]}; both splits must share a sample shape"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(classes)``)."""
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(1, 28, 28)``."""
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        return (
+            f"DatasetSplits(name={self.name!r}, train={len(self.x_train)}, "
+            f"test={len(self.x_test)}, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_labelled(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_labelled: int,
+    *,
+    seed: int = 0,
+    stratified: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pick ``n_labelled`` samples to keep labels for; return them and the rest.
+
+    With ``stratified=True`` the labelled samples are spread over the classes as evenly
+    as possible (a class with fewer samples than its share gives all it has, and the
+    others make up the difference). The choice depends only on ``y``, ``n_labelled`` and
+    ``seed`` (``numpy.random.default_rng``). Both parts keep the original sample order.
+
+    Args:
+        x: ``(N, ...)`` samples.
+        y: ``(N,)`` integer labels.
+        n_labelled: how many samples go to the labelled part, in ``[1, N]``.
+        seed: seed of the random choice.
+        stratified: balance the labelled part over classes; ``False`` draws uniformly.
+
+    Returns:
+        ``(x_labelled, y_labelled, x_rest, y_rest)``; the two parts are disjoint and
+        together hold every sample once.
+
+    Raises:
+        ValueError: if ``x`` and ``y`` differ in length, ``y`` is not 1-D, or
+            ``n_labelled`` is outside ``[1, N]``.
+        TypeError: if ``n_labelled`` is not an integer.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-D array of labels, got shape {y.shape}")
+    n = len(y)
+    if len(x) != n:
+        raise ValueError(
+            f"x has {len(x)} samples but y has {n}; pass images and labels of one split"
+        )
+    if isinstance(n_labelled, bool) or not isinstance(n_labelled, (int, np.integer)):
+        raise TypeError(
+            f"n_labelled must be an integer, got {type(n_labelled).__name__} {n_labelled!r}"
+        )
+    if not 1 <= n_labelled <= n:
+        raise ValueError(
+            f"n_labelled must be in [1, {n}] (the number of samples), got {n_labelled}"
+        )
+
+    rng = np.random.default_rng(seed)
+    if not stratified:
+        chosen = rng.choice(n, size=int(n_labelled), replace=False)
+    else:
+        chosen = _stratified_choice(y, int(n_labelled), rng)
+
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    labelled = np.flatnonzero(mask)
+    rest = np.flatnonzero(~mask)
+    return x[labelled], y[labelled], x[rest], y[rest]
+
+
+def _stratified_choice(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``k`` samples spread over the classes of ``y`` as evenly as possible."""
+    classes, counts = np.unique(y, return_counts=True)
+    # 1. Water-filling: raise every class's quota equally, capped by what it has.
+    quota = np.zeros(len(classes), dtype=np.int64)
+    remaining = k
+    while remaining > 0:
+        open_ = np.flatnonzero(quota < counts)
+        share = remaining // len(open_)
+        if share == 0:
+            # Fewer samples left than open classes: one more each for a random few.
+            lucky = rng.choice(open_, size=remaining, replace=False)
+            quota[lucky] += 1
+            break
+        add = np.minimum(share, counts[open_] - quota[open_])
+        quota[open_] += add
+        remaining -= int(add.sum())
+    # 2. Within each class, a random subset of its quota's size.
+    picked = [
+        rng.choice(np.flatnonzero(y == c), size=int(q), replace=False)
+        for c, q in zip(classes, quota)
+        if q > 0
+    ]
+    return np.concatenate(picked)
+
+
+def _stratified_test_split(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, each class split ``1 - test_fraction : test_fraction``."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(rng.choice(idx, size=n_test, replace=False))
+    mask = np.zeros(len(y), dtype=bool)
+    mask[np.concatenate(test)] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _canonical_name(name: str) -> str:
+    """``"Fashion-MNIST"`` -> ``"fashion_mnist"``; raise ValueError for unknown names."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    squashed = {d.replace("_", ""): d for d in DATASETS}
+    if key in DATASETS:
+        return key
+    if key.replace("_", "") in squashed:  # "fashionmnist"
+        return squashed[key.replace("_", "")]
+    hint = difflib.get_close_matches(key, DATASETS, n=1, cutoff=0.6)
+    did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise ValueError(
+        f"unknown dataset {name!r}; known datasets are {', '.join(DATASETS)}.{did_you_mean}"
+    )
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz``, whichever exists (raw first: it reads faster)."""
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _candidate_folders(name: str, spec: _IdxSpec, data_dir: str | os.PathLike | None):
+    """Folders to search for ``name``'s IDX files, in order, without duplicates."""
+    roots = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    env = os.environ.get(DATA_ENV)
+    if env:
+        roots.append(Path(env).expanduser())
+    folders = []
+    for root in roots:
+        folders += [
+            root,
+            root / name,
+            root / name.replace("_", "-"),
+            root / spec.torchvision_name / "raw",
+        ]
+    # Debian installs the files straight into its own folder.
+    folders.append(DEBIAN_DATASETS / spec.debian_name)
+    return list(dict.fromkeys(folders))
+
+
+def _load_idx_dataset(name: str, data_dir: str | os.PathLike | None) -> DatasetSplits:
+    spec = _IDX_DATASETS[name]
+    tried = []
+    for folder in _candidate_folders(name, spec, data_dir):
+        files = {key: _find_file(folder, stem) for key, stem in _IDX_FILES.items()}
+        missing = [_IDX_FILES[k] for k, f in files.items() if f is None]
+        if not missing:
+            arrays = {
+                key: (load_idx_images if key.startswith("x") else load_idx_labels)(path)
+                for key, path in files.items()
+            }
+            splits = DatasetSplits(name=name, classes=spec.classes, **arrays)
+            _check_labels(splits, files)
+            return splits
+        if not folder.is_dir():
+            tried.append(f"{folder} (no such folder)")
+        elif len(missing) == len(_IDX_FILES):
+            tried.append(f"{folder} (none of the files)")
+        else:
+            tried.append(f"{folder} (missing {', '.join(m + '[.gz]' for m in missing)})")
+    raise DatasetNotFoundError(_not_found_message(name, spec, tried))
+
+
+def _check_labels(splits: DatasetSplits, files: dict[str, Path]) -> None:
+    for key in ("y_train", "y_test"):
+        y = getattr(splits, key)
+        if len(y) and (y.min() < 0 or y.max() >= splits.num_classes):
+            raise ValueError(
+                f"{files[key]}: labels must be in [0, {splits.num_classes}) for "
+                f"{splits.name}, got values in [{y.min()}, {y.max()}]; is this file from "
+                "another dataset?"
+            )
+
+
+def _not_found_message(name: str, spec: _IdxSpec, tried: list[str]) -> str:
+    needed = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES.values())
+    lines = [
+        f"dataset {name!r} not found: no folder holds all four IDX files ({needed}).",
+        "Folders tried, in order:",
+        *(f"  - {t}" for t in tried),
+        "To get the data (kdistill never downloads anything):",
+    ]
+    if spec.apt_package:
+        lines.append(
+            f"  - on Debian/Ubuntu: sudo apt-get install {spec.apt_package} "
+            f"(installs into {DEBIAN_DATASETS / spec.debian_name}, found automatically)"
+        )
+        lines.append(f"  - otherwise: download the four IDX files from {spec.url}")
+    else:
+        lines.append(f"  - download the four IDX files from {spec.url}")
+    lines.append(
+        f"    into a folder DIR, then pass --data-dir DIR (load_dataset(..., data_dir=DIR)) "
+        f"or set {DATA_ENV}=DIR"
+    )
+    return "\n".join(lines)
+
+
+def _load_digits() -> DatasetSplits:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError(
+            "the 'digits' dataset needs scikit-learn, which is not installed; "
+            "install it with `pip install kdistill[digits]` or `pip install scikit-learn`"
+        ) from e
+    digits = load_digits()
+    # (N, 8, 8) in [0, 16] -> (N, 1, 8, 8) in [0, 1]
+    x = (np.asarray(digits.images, dtype=np.float32) / np.float32(16.0))[:, None]
+    y = np.asarray(digits.target, dtype=np.int64)
+    train, test = _stratified_test_split(y, test_fraction=0.2, seed=0)
+    return DatasetSplits(
+        name="digits",
+        x_train=x[train],
+        y_train=y[train],
+        x_test=x[test],
+        y_test=y[test],
+        classes=_DIGITS_CLASSES,
+    )
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSplits:
+    """Load a dataset by name from local files (never downloads).
+
+    IDX datasets (``fashion_mnist``, ``mnist``, ``kmnist``) are searched for in
+    ``data_dir``, then ``$KDISTILL_DATA``, then Debian's folder
+    ``/usr/share/datasets/<name>``. Inside ``data_dir`` and ``$KDISTILL_DATA`` the files
+    may lie in the folder itself, in ``<name>/`` or ``<name-with-dashes>/``, or in
+    torchvision's ``FashionMNIST/raw/`` (``MNIST/raw``, ``KMNIST/raw``), raw or gzipped.
+    ``digits`` is scikit-learn's 8x8 digits with a fixed stratified 80/20 split.
+
+    Args:
+        name: dataset name, case-insensitive, ``-`` or ``_`` (``"Fashion-MNIST"``).
+        data_dir: folder to look in first.
+
+    Returns:
+        The :class:`DatasetSplits`, images ``(N, 1, H, W)`` float32 in ``[0, 1]``.
+
+    Raises:
+        ValueError: if ``name`` is not one of :data:`DATASETS`, or a file's labels do not
+            fit the dataset.
+        DatasetNotFoundError: (a ``FileNotFoundError``) if no folder holds all four IDX
+            files; the message lists every folder tried and how to get the data.
+        ImportError: for ``digits`` without scikit-learn installed.
+        IdxFormatError: if a file is found but is not valid IDX.
+    """
+    key = _canonical_name(name)
+    if key == "digits":
+        return _load_digits()
+    return _load_idx_dataset(key, data_dir)

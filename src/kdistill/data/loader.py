@@ -1,0 +1,246 @@
+"""Turn whatever the user has (arrays, tensors, a Dataset, a DataLoader) into Batches.
+
+In-memory data is batched by slicing whole tensors with one index per batch: no
+per-sample ``__getitem__`` and no collate. For small models on a CPU that is several
+times faster than ``DataLoader`` (``benchmarks/loader_overhead.py`` measures it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..outputs import UNLABELLED, Batch
+
+
+def as_tensor(x: Any, *, name: str, labels: bool = False) -> torch.Tensor:
+    """Convert arrays to tensors: float64 -> float32, labels -> int64.
+
+    Raises:
+        TypeError: if ``x`` is neither a numpy array nor a tensor (nor a list of numbers).
+    """
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, (np.ndarray, list, tuple)):
+        arr = np.asarray(x)
+        if any(s < 0 for s in arr.strides):
+            # torch cannot view negative strides (a flipped view such as x[:, ::-1]): copy
+            arr = np.ascontiguousarray(arr)
+        t = torch.as_tensor(arr)
+    else:
+        raise TypeError(
+            f"{name} must be a numpy array, a torch.Tensor, a Dataset or a DataLoader, "
+            f"got {type(x).__name__}"
+        )
+    if labels:
+        if t.is_floating_point():
+            if not torch.equal(t, t.round()):
+                raise ValueError(f"{name} must hold integer class labels, got non-integer floats")
+        if t.dim() != 1:
+            raise ValueError(
+                f"{name} must be a 1-D array of class indices, got shape {tuple(t.shape)}; "
+                "for one-hot labels pass labels.argmax(1)"
+            )
+        return t.long()
+    if t.dtype == torch.float64:
+        t = t.float()
+    return t
+
+
+class ArrayLoader:
+    """Batches of in-memory tensors by index slicing.
+
+    Args:
+        inputs: ``(N, ...)`` tensor.
+        targets: ``(N,)`` int64 labels (``-1`` for unlabelled samples) or ``None``.
+        batch_size: samples per batch.
+        shuffle: draw a new permutation each epoch from ``generator``.
+        generator: a seeded ``torch.Generator`` (required for repeatable shuffles).
+        drop_last: drop the last incomplete batch.
+        index: ``(N,)`` dataset index of each row (defaults to ``arange(N)``).
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        index: torch.Tensor | None = None,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n = inputs.shape[0]
+        if targets is not None and targets.shape[0] != n:
+            raise ValueError(
+                f"inputs and targets differ in length: {n} inputs but {targets.shape[0]} targets"
+            )
+        if n == 0:
+            raise ValueError("the data is empty: got 0 samples")
+        self.inputs = inputs
+        self.targets = targets
+        self.index = torch.arange(n) if index is None else index
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.drop_last = drop_last
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, b = self.num_samples, self.batch_size
+        stop = (n // b) * b if self.drop_last else n
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, stop, b):
+                rows = order[start : start + b]
+                yield Batch(
+                    self.inputs.index_select(0, rows),
+                    None if self.targets is None else self.targets.index_select(0, rows),
+                    self.index.index_select(0, rows),
+                )
+        else:
+            for start in range(0, stop, b):
+                sl = slice(start, start + b)
+                yield Batch(
+                    self.inputs[sl],
+                    None if self.targets is None else self.targets[sl],
+                    self.index[sl],
+                )
+
+
+class _Indexed(Dataset):
+    """Adds each sample's index to what a map-style dataset returns."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return self.dataset[i], i
+
+
+def _to_batch(item: Any, index: torch.Tensor | None = None) -> Batch:
+    """Interpret one collated item of a DataLoader as a Batch."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, dict):
+        x = item.get("inputs", item.get("x", item.get("input")))
+        if x is None:
+            raise ValueError(
+                f"a dict batch must hold the inputs under 'inputs' (or 'x'); got keys {sorted(item)}"
+            )
+        y = item.get("targets", item.get("y", item.get("labels", item.get("label"))))
+        idx = item.get("index", index)
+        return Batch(x, None if y is None else torch.as_tensor(y).long(), idx)
+    if isinstance(item, torch.Tensor):
+        return Batch(item, None, index)
+    if isinstance(item, (tuple, list)):
+        if len(item) == 1:
+            return Batch(item[0], None, index)
+        if len(item) == 2:
+            return Batch(item[0], torch.as_tensor(item[1]).long(), index)
+        if len(item) == 3:
+            return Batch(item[0], torch.as_tensor(item[1]).long(), torch.as_tensor(item[2]).long())
+    raise TypeError(
+        f"cannot read a batch from {type(item).__name__}: expected a Batch, a tensor, "
+        "(inputs,), (inputs, targets), (inputs, targets, index) or a dict with 'inputs'"
+    )
+
+
+class DataLoaderAdapter:
+    """Iterates a ``DataLoader`` and yields Batches."""
+
+    def __init__(self, loader: DataLoader, *, indexed: bool = False):
+        self.loader = loader
+        self.indexed = indexed
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int | None:
+        try:
+            return len(self.loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self.loader:
+            if self.indexed:
+                item, index = item
+                yield _to_batch(item, torch.as_tensor(index).long())
+            else:
+                yield _to_batch(item)
+
+
+def make_loader(
+    x: Any,
+    y: Any = None,
+    *,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    unlabelled: Any = None,
+) -> ArrayLoader | DataLoaderAdapter:
+    """Build the batch iterator ``fit``/``evaluate``/``predict`` use.
+
+    Args:
+        x: numpy array, tensor, ``Dataset`` or ``DataLoader``.
+        y: labels when ``x`` is an array or tensor; must be ``None`` otherwise.
+        batch_size, shuffle, generator, drop_last: as for :class:`ArrayLoader`. Ignored for
+            a ``DataLoader``, which keeps its own.
+        unlabelled: extra inputs without labels (arrays only): appended with target ``-1``.
+
+    Returns:
+        An iterable of :class:`~kdistill.outputs.Batch` with ``len()``.
+    """
+    if isinstance(x, DataLoader):
+        if y is not None or unlabelled is not None:
+            raise ValueError("pass labels and unlabelled data inside the DataLoader, not as y/unlabelled")
+        return DataLoaderAdapter(x)
+    if isinstance(x, TensorDataset) and y is None and len(x.tensors) in (1, 2):
+        # Fast path: a TensorDataset is in-memory arrays; slice them instead of collating.
+        x, y = x.tensors[0], (x.tensors[1] if len(x.tensors) == 2 else None)
+    if isinstance(x, Dataset):
+        if y is not None or unlabelled is not None:
+            raise ValueError("pass labels inside the Dataset (items (inputs, target)), not as y")
+        loader = DataLoader(
+            _Indexed(x), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+        )
+        return DataLoaderAdapter(loader, indexed=True)
+    inputs = as_tensor(x, name="x")
+    targets = None if y is None else as_tensor(y, name="y", labels=True)
+    if targets is not None and targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"x and y differ in length: {inputs.shape[0]} samples but {targets.shape[0]} labels"
+        )
+    if unlabelled is not None:
+        extra = as_tensor(unlabelled, name="unlabelled")
+        if extra.shape[1:] != inputs.shape[1:]:
+            raise ValueError(
+                f"unlabelled samples have shape {tuple(extra.shape[1:])} but labelled ones "
+                f"{tuple(inputs.shape[1:])}; both must be the same kind of input"
+            )
+        if targets is None:
+            targets = torch.full((inputs.shape[0],), UNLABELLED, dtype=torch.long)
+        inputs = torch.cat([inputs, extra.to(inputs.dtype)])
+        targets = torch.cat([targets, torch.full((extra.shape[0],), UNLABELLED, dtype=torch.long)])
+    return ArrayLoader(
+        inputs, targets, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+    )

@@ -1,0 +1,587 @@
+"""The engine: ``Trainer`` (one loop for every model) and ``Distiller(Trainer)``.
+
+The API is the shape of ``keras.Model`` and of the classic Keras ``Distiller`` example:
+``compile`` then ``fit`` / ``evaluate`` / ``predict``, with ``train_step`` and
+``test_step`` to override.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .callbacks import Callback, History, ProgressBar
+from .data.loader import make_loader
+from .errors import ModelInputError, NonFiniteLossError
+from .losses import DistillationLoss, SoftTargetLoss, check_divergence
+from .losses.logits import check_same_classes, check_temperature
+from .metrics import Metric, resolve_metrics
+from .outputs import Batch, Outputs
+from .runtime import get_device, seed_everything
+from .teacher import LiveTeacher
+
+OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
+    "adam": (torch.optim.Adam, 1e-3),
+    "adamw": (torch.optim.AdamW, 1e-3),
+    "sgd": (torch.optim.SGD, 1e-2),
+    "rmsprop": (torch.optim.RMSprop, 1e-3),
+}
+
+
+def _describe_expected_input(model: nn.Module) -> str:
+    """What a model expects as input, as far as its first layer tells."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return f"(batch, {', '.join(str(s) for s in shape)})"
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return f"(batch, {m.in_channels}, ...) with {m.in_channels} input channels"
+        if isinstance(m, nn.Linear):
+            return f"(batch, {m.in_features})"
+    return "the shape its first layer takes"
+
+
+class _EpochMeans:
+    """Running means of the step logs, each weighted by the samples it was averaged over."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def update(self, logs: dict[str, float], weights: dict[str, float]) -> None:
+        for k, v in logs.items():
+            w = weights.get(k, weights["*"])
+            if w > 0:
+                self.sums[k] = self.sums.get(k, 0.0) + v * w
+                self.weights[k] = self.weights.get(k, 0.0) + w
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums}
+
+
+class Trainer:
+    """Trains and evaluates one model: a teacher, or a student from scratch.
+
+    Example::
+
+        trainer = Trainer(build_model("classic_teacher"))
+        trainer.compile(optimizer="adam", metrics=["accuracy"])
+        history = trainer.fit(x_train, y_train, epochs=3, validation_data=(x_test, y_test))
+
+    Args:
+        model: the network; it maps a batch of inputs to ``(B, C)`` logits.
+        device: where to train (default: :func:`kdistill.runtime.get_device`).
+    """
+
+    #: Logs averaged over the labelled samples only (the rest over every sample).
+    label_weighted_logs: tuple[str, ...] = ("loss",)
+
+    def __init__(self, model: nn.Module, *, device: str | torch.device | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.device = get_device(device)
+        self.model = model.to(self.device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.metrics: dict[str, Metric] = {}
+        self.temperature = 1.0
+        self.stop_training = False
+        self.history: History | None = None
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self._inputs_checked = False
+        # (per-sample shape, dtype) of the inputs the model has accepted; anything new is
+        # checked again, so evaluate/predict on other data still explains a rejection
+        self._accepted_inputs: set[tuple[tuple[int, ...], torch.dtype]] = set()
+
+    # ------------------------------------------------------------------ set-up
+    def compile(
+        self,
+        optimizer: OptimizerSpec = "adam",
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metrics: Sequence[str | Metric] | None = None,
+        *,
+        temperature: float = 1.0,
+        learning_rate: float | None = None,
+    ) -> "Trainer":
+        """Configure training.
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer`` over the model's parameters, a name
+                (``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"``), or a callable that
+                takes the parameters and returns an optimizer.
+            loss: ``loss(logits, targets) -> scalar``, PyTorch's ``(input, target)`` order;
+                default ``nn.CrossEntropyLoss()``. Samples with target ``-1`` are left out.
+            metrics: names (``"accuracy"``, ``"top5"``) or callables ``(logits, targets)``.
+            temperature: divide the logits by this before the loss. 1 is ordinary
+                training; the classic distillation recipe may train the teacher with the
+                same tempered softmax it will be distilled at.
+            learning_rate: learning rate when ``optimizer`` is a name.
+
+        Returns:
+            ``self``, so calls can be chained.
+        """
+        self.temperature = check_temperature(temperature)
+        self.loss_fn = nn.CrossEntropyLoss() if loss is None else loss
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss must be callable (logits, targets) -> tensor, got {type(loss).__name__}")
+        self.metrics = resolve_metrics(metrics)
+        self.optimizer = self._build_optimizer(optimizer, learning_rate)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer must train (the Distiller adds adapters here)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _build_optimizer(self, spec: OptimizerSpec, learning_rate: float | None) -> torch.optim.Optimizer:
+        params = self.trainable_parameters()
+        if isinstance(spec, torch.optim.Optimizer):
+            if learning_rate is not None:
+                raise ValueError("learning_rate is only used with an optimizer given by name")
+            opt = spec
+        elif isinstance(spec, str):
+            key = spec.lower()
+            if key not in _OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {spec!r}: expected one of {sorted(_OPTIMIZERS)} or a torch.optim.Optimizer")
+            cls, default_lr = _OPTIMIZERS[key]
+            opt = cls(params, lr=default_lr if learning_rate is None else learning_rate)
+        elif callable(spec):
+            opt = spec(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
+        else:
+            raise TypeError(f"optimizer must be an Optimizer, a name or a factory, got {type(spec).__name__}")
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        if not any(id(p) in in_opt for p in params):
+            raise ValueError(
+                f"the optimizer holds none of the parameters of the model being trained "
+                f"({type(self.model).__name__}); build it over them, e.g. "
+                "torch.optim.Adam(student.parameters())"
+            )
+        return opt
+
+    def _require_compiled(self) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(f"call {type(self).__name__}.compile(...) before fit/train_step")
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Run ``model`` on ``inputs``; a rejected input shape or dtype is explained."""
+        kind = (tuple(inputs.shape[1:]), inputs.dtype)
+        if self._inputs_checked and kind in self._accepted_inputs:
+            return model(inputs)
+        try:
+            out = model(inputs)
+        except (RuntimeError, ValueError, IndexError) as e:
+            float_model = any(p.is_floating_point() for p in model.parameters())
+            fix = (
+                "Convert the inputs to float first, e.g. x.astype('float32') / 255 for 8-bit images."
+                if float_model and not inputs.is_floating_point()
+                else "Reshape the data or build the model for it."
+            )
+            raise ModelInputError(
+                f"{type(model).__name__} rejected inputs of shape {tuple(inputs.shape)} "
+                f"(dtype {inputs.dtype}); it expects {_describe_expected_input(model)}. "
+                f"{fix} ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from e
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            raise ModelInputError(
+                f"{type(model).__name__} returned {type(out).__name__}"
+                f"{'' if not isinstance(out, torch.Tensor) else ' of shape ' + str(tuple(out.shape))}; "
+                "kdistill expects (B, C) logits (or (B, T, V) for sequences)"
+            )
+        self._inputs_checked = True
+        self._accepted_inputs.add(kind)
+        return out
+
+    def supervised_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The hard-label loss over the labelled samples of ``batch``.
+
+        Returns:
+            ``(loss, n_labelled)``; the loss is ``0`` (no gradient) when nothing is labelled.
+        """
+        if batch.targets is None:
+            raise ValueError("training needs labels: pass y to fit, or a dataset that yields (inputs, targets)")
+        mask = batch.labelled
+        if mask is None:
+            logits, targets, n = logits, batch.targets, len(batch)
+        else:
+            n = int(mask.sum())
+            if n == 0:
+                return logits.new_zeros(()), 0
+            logits, targets = logits[mask], batch.targets[mask]
+        try:
+            return self.loss_fn(logits / self.temperature, targets), n
+        except IndexError as e:  # a label outside [0, C)
+            raise ValueError(
+                f"labels must be class indices in [0, {logits.shape[-1]}) for a model with "
+                f"{logits.shape[-1]} outputs, or -1 for unlabelled samples; this batch has labels "
+                f"from {int(targets.min())} to {int(targets.max())}. Build the model with "
+                f"num_classes=<number of classes> or fix the labels. ({e})"
+            ) from e
+
+    def compute_metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        if not self.metrics or batch.targets is None:
+            return {}
+        mask = batch.labelled
+        logits, targets = (logits, batch.targets) if mask is None else (logits[mask], batch.targets[mask])
+        if targets.numel() == 0:
+            return {}
+        return {name: fn(logits, targets) for name, fn in self.metrics.items()}
+
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`NonFiniteLossError` naming the step and term if any is NaN/inf."""
+        for name, value in terms.items():
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteLossError(
+                    f"loss term '{name}' is {float(value.detach())} at epoch {self.epoch + 1}, step "
+                    f"{self.step_in_epoch + 1} (global step {self.global_step + 1}); training stopped "
+                    "before the optimizer step, so the weights are the last finite ones. Common "
+                    "causes: a learning rate too high, NaN/inf in the inputs, or a loss taking log(0)."
+                )
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Backward pass and optimizer step (skipped when the loss has no gradient)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch``; returns the loss and metrics (tensors)."""
+        logits = self.forward(self.model, batch.inputs)
+        loss, n_labelled = self.supervised_loss(logits, batch)
+        self.check_finite({"loss": loss})
+        self.optimize(loss)
+        return {"loss": loss.detach(), **self.compute_metrics(logits.detach(), batch)}
+
+    def test_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Evaluate the model on ``batch`` (no gradients): loss and metrics."""
+        logits = self.forward(self.model, batch.inputs)
+        logs: dict[str, torch.Tensor] = {}
+        if batch.targets is not None and (batch.labelled is None or bool(batch.labelled.any())):
+            logs["loss"] = self.supervised_loss(logits, batch)[0]
+        logs.update(self.compute_metrics(logits, batch))
+        return logs
+
+    # ------------------------------------------------------------------ loops
+    def _step_weights(self, batch: Batch) -> dict[str, float]:
+        """How much each log of a step counts in the epoch mean."""
+        n = float(len(batch))
+        mask = batch.labelled
+        n_lab = 0.0 if batch.targets is None else n if mask is None else float(mask.sum())
+        weights = {"*": n}
+        for name in (*self.metrics, *self.label_weighted_logs):
+            weights[name] = n_lab
+        return weights
+
+    def _train_loader(self, x: Any, y: Any, batch_size: int, shuffle: bool, generator: torch.Generator, **kw: Any):
+        if kw:
+            raise TypeError(f"fit() got unexpected keyword arguments {sorted(kw)}")
+        return make_loader(x, y, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        validation_data: Any = None,
+        callbacks: Sequence[Callback] | None = None,
+        shuffle: bool = True,
+        verbose: int = 1,
+        seed: int | None = None,
+        initial_epoch: int = 0,
+        **loader_kwargs: Any,
+    ) -> History:
+        """Train for ``epochs`` epochs.
+
+        Args:
+            x: numpy array, tensor, ``Dataset`` or ``DataLoader`` of inputs (or of
+                ``(inputs, targets)`` items).
+            y: labels when ``x`` is an array or tensor; ``-1`` marks an unlabelled sample.
+            epochs: epochs to train (the index of the last one, with ``initial_epoch``).
+            batch_size: samples per step (ignored for a ``DataLoader``).
+            validation_data: ``(x_val, y_val)``, a Dataset or a DataLoader; evaluated after
+                every epoch, logged with a ``val_`` prefix.
+            callbacks: :class:`~kdistill.callbacks.Callback` instances.
+            shuffle: reshuffle the training data every epoch.
+            verbose: 0 silent, 1 progress bar, 2 one line per epoch.
+            seed: seed every generator first; with the same initial weights the run is
+                then repeatable bit for bit on the CPU.
+            initial_epoch: the epoch to start at (for resuming).
+
+        Returns:
+            A :class:`~kdistill.callbacks.History` of per-epoch logs.
+        """
+        # 1. set up: seeds, data, callbacks
+        self._require_compiled()
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if seed is not None:
+            seed_everything(seed)
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        train = self._train_loader(x, y, batch_size, shuffle, generator, **loader_kwargs)
+        val = None
+        if validation_data is not None:
+            val = self._eval_loader(validation_data, batch_size=max(batch_size, 256))
+        history = History()
+        cbs: list[Callback] = [history] + list(callbacks or [])
+        if verbose:
+            cbs.append(ProgressBar(verbose))
+        for cb in cbs:
+            cb.set_trainer(self)
+        self.history = history
+        self.stop_training = False
+        self._epochs = epochs
+        self._steps_per_epoch = len(train)
+        for cb in cbs:
+            cb.on_train_begin()
+        # 2. train, one epoch at a time
+        for epoch in range(initial_epoch, epochs):
+            self.epoch = epoch
+            for cb in cbs:
+                cb.on_epoch_begin(epoch)
+            self.model.train()
+            means = _EpochMeans()
+            for step, batch in enumerate(train):
+                self.step_in_epoch = step
+                batch = batch.to(self.device)
+                self._last_batch_size = len(batch)
+                logs = {k: float(v) for k, v in self.train_step(batch).items()}
+                means.update(logs, self._step_weights(batch))
+                self.global_step += 1
+                running = means.result()
+                for cb in cbs:
+                    cb.on_train_batch_end(step, running)
+            epoch_logs = means.result()
+            if val is not None:
+                epoch_logs.update({f"val_{k}": v for k, v in self._run_eval(val).items()})
+            for cb in cbs:
+                cb.on_epoch_end(epoch, epoch_logs)
+            if self.stop_training:
+                break
+        # 3. clean up
+        for cb in cbs:
+            cb.on_train_end()
+        return history
+
+    def _eval_loader(self, data: Any, y: Any = None, *, batch_size: int):
+        if isinstance(data, tuple) and y is None:
+            if len(data) != 2:
+                raise ValueError(f"validation_data must be (x, y), got a tuple of {len(data)}")
+            data, y = data
+        return make_loader(data, y, batch_size=batch_size, shuffle=False)
+
+    def _run_eval(self, loader: Iterable[Batch]) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        means = _EpochMeans()
+        with torch.inference_mode():
+            for batch in loader:
+                batch = batch.to(self.device)
+                logs = {k: float(v) for k, v in self.test_step(batch).items()}
+                # every eval log is over the labelled samples only
+                mask = batch.labelled
+                means.update(logs, {"*": float(len(batch) if mask is None else mask.sum())})
+        self.model.train(was_training)
+        return means.result()
+
+    def evaluate(self, x: Any, y: Any = None, *, batch_size: int = 256, verbose: int = 0) -> dict[str, float]:
+        """Evaluate on data; returns ``{"loss": ..., "accuracy": ...}`` (means over samples)."""
+        if self.loss_fn is None:
+            self.loss_fn = nn.CrossEntropyLoss()
+        result = self._run_eval(self._eval_loader(x, y, batch_size=batch_size))
+        if verbose:
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in result.items()), flush=True)
+        return result
+
+    def predict(self, x: Any, *, batch_size: int = 256) -> torch.Tensor:
+        """Logits of the model on ``x`` (eval mode, no gradients), on the CPU."""
+        loader = make_loader(x, None, batch_size=batch_size, shuffle=False) if not isinstance(x, tuple) else self._eval_loader(x, batch_size=batch_size)
+        was_training = self.model.training
+        self.model.eval()
+        outs = []
+        with torch.inference_mode():
+            for batch in loader:
+                outs.append(self.forward(self.model, batch.inputs.to(self.device)).cpu())
+        self.model.train(was_training)
+        return torch.cat(outs)
+
+
+class Distiller(Trainer):
+    """Trains a student to match a frozen teacher and the labels (Hinton et al., 2015).
+
+    ``loss = alpha * student_loss(student_logits, y)
+    + (1 - alpha) * distillation_loss(student, teacher)``.
+
+    The teacher is frozen: ``requires_grad=False``, eval mode, forward under
+    ``torch.inference_mode()``, never given to the optimizer; its weights are
+    bit-identical after ``fit``. ``test_step`` evaluates the student alone.
+
+    Args:
+        student: the network to train.
+        teacher: the trained network to learn from (or a teacher object such as
+            :class:`~kdistill.teacher.LiveTeacher`).
+        device: where to train (default: :func:`kdistill.runtime.get_device`).
+    """
+
+    label_weighted_logs = ("student_loss",)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | LiveTeacher, *, device: str | torch.device | None = None):
+        super().__init__(student, device=device)
+        if teacher is student:
+            raise ValueError("teacher and student are the same module; distil into a separate student network")
+        self.teacher = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(teacher, self.device)
+        self.alpha = 0.1
+        self.distillation_loss: DistillationLoss | None = None
+        self._pair_checked = False
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+    def compile(
+        self,
+        optimizer: OptimizerSpec = "adam",
+        metrics: Sequence[str | Metric] | None = None,
+        student_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        distillation_loss_fn: DistillationLoss | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None = None,
+        alpha: float = 0.1,
+        temperature: float = 3.0,
+        *,
+        temperature_squared: bool = True,
+        learning_rate: float | None = None,
+    ) -> "Distiller":
+        """Configure distillation, with the names and meanings of the Keras example.
+
+        Args:
+            optimizer: optimizer over the **student's** parameters (or a name/factory).
+            metrics: metric names or callables, computed on the student.
+            student_loss_fn: hard-label loss ``(student_logits, targets)``; default
+                ``nn.CrossEntropyLoss()``.
+            distillation_loss_fn: what compares student and teacher. One of:
+
+                * ``None`` or ``"kl"``: the KL divergence between the softened
+                  distributions (:func:`~kdistill.losses.kd_loss`);
+                * a callable on **softened probability distributions** (as in the Keras
+                  example), called as ``fn(student_probs, teacher_probs)`` where
+                  ``*_probs = softmax(logits / temperature)``, e.g.
+                  :class:`~kdistill.losses.KLDivergence` or ``nn.KLDivLoss`` (which is
+                  given log-probabilities first, as it expects);
+                * a :class:`~kdistill.losses.DistillationLoss` module (e.g. ``KDLoss``),
+                  called on the full outputs; it uses its own hyper-parameters.
+
+                A divergence that comes out negative (beyond rounding) or non-finite
+                stops training with an error naming the loss.
+            alpha: weight of the student's hard-label loss, in ``[0, 1]``; ``1 - alpha``
+                weights the distillation loss.
+            temperature: softening temperature ``T > 0`` for the distributions.
+            temperature_squared: multiply the distillation term by ``T**2`` (default,
+                Hinton et al.: keeps the gradient scale independent of ``T``); ``False``
+                reproduces the unscaled form.
+            learning_rate: learning rate when ``optimizer`` is a name.
+
+        Returns:
+            ``self``.
+        """
+        a = float(alpha)
+        if not 0.0 <= a <= 1.0 or math.isnan(a):
+            raise ValueError(
+                f"alpha must be in [0, 1], got {alpha}: it weights the hard-label loss and "
+                "1 - alpha the distillation loss (the Keras example uses 0.1)"
+            )
+        check_temperature(temperature)
+        super().compile(optimizer, loss=student_loss_fn, metrics=metrics, learning_rate=learning_rate)
+        teacher_params = {id(p) for p in self.teacher.parameters()}
+        if any(id(p) in teacher_params for g in self.optimizer.param_groups for p in g["params"]):
+            self.optimizer = None  # not compiled: a later fit must not use this optimizer
+            raise ValueError(
+                "the optimizer holds teacher parameters; the teacher is frozen. Build the "
+                "optimizer over the student only: torch.optim.Adam(student.parameters())"
+            )
+        self.alpha = a
+        if isinstance(distillation_loss_fn, DistillationLoss):
+            self.distillation_loss = distillation_loss_fn
+        else:
+            self.distillation_loss = SoftTargetLoss(
+                "kl" if distillation_loss_fn is None else distillation_loss_fn,
+                temperature,
+                temperature_squared=temperature_squared,
+            )
+        self.distillation_loss.to(self.device)
+        return self
+
+    def _check_pair(self, student: Outputs, teacher: Outputs) -> None:
+        """Once per fit: teacher and student must score the same classes."""
+        s, t = student.logits.shape[-1], teacher.logits.shape[-1]
+        if s != t:
+            raise ValueError(
+                f"teacher and student class counts differ: the teacher "
+                f"({type(self.teacher.module).__name__ if isinstance(self.teacher, LiveTeacher) else self.teacher}) "
+                f"predicts {t} classes and the student ({type(self.student).__name__}) {s}. "
+                f"Build the student with num_classes={t}."
+            )
+        check_same_classes(student.logits, teacher.logits)
+        self._pair_checked = True
+
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One distillation step; returns ``loss``, ``student_loss``,
+        ``distillation_loss`` and the metrics."""
+        self._require_compiled()
+        # 1. the frozen teacher's outputs (no graph, no grad)
+        teacher_out = self.teacher(batch)
+        # 2. the student's forward
+        student_out = Outputs(self.forward(self.model, batch.inputs))
+        if not self._pair_checked:
+            self._check_pair(student_out, teacher_out)
+        # 3. the two loss terms; unlabelled samples add only the distillation term
+        if batch.targets is None:  # unlabelled data only: distillation alone
+            student_loss = student_out.logits.new_zeros(())
+        else:
+            student_loss, _ = self.supervised_loss(student_out.logits, batch)
+        distillation_loss = self.distillation_loss(student_out, teacher_out, batch)
+        terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
+        self.check_finite(terms)
+        if self.distillation_loss.nonnegative:
+            check_divergence(self.distillation_loss.name, float(distillation_loss.detach()))
+        loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
+        # 4. update the student
+        self.optimize(loss)
+        logs = {"loss": loss.detach(), "student_loss": student_loss.detach(), "distillation_loss": distillation_loss.detach()}
+        logs.update(self.compute_metrics(student_out.logits.detach(), batch))
+        return logs
+
+    def test_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Evaluate the student alone: ``student_loss`` (also as ``loss``) and metrics."""
+        logs = super().test_step(batch)
+        if "loss" in logs:
+            logs["student_loss"] = logs["loss"]
+        return logs
+
+    def _train_loader(self, x: Any, y: Any, batch_size: int, shuffle: bool, generator: torch.Generator, unlabelled: Any = None, **kw: Any):
+        if kw:
+            raise TypeError(f"fit() got unexpected keyword arguments {sorted(kw)}")
+        return make_loader(x, y, batch_size=batch_size, shuffle=shuffle, generator=generator, unlabelled=unlabelled)
+
+    def fit(self, x: Any, y: Any = None, *, unlabelled: Any = None, **kwargs: Any) -> History:
+        """Distil into the student; arguments as :meth:`Trainer.fit`, plus:
+
+        Args:
+            unlabelled: extra inputs without labels (array or tensor). They are shuffled in
+                with the labelled data and contribute the distillation loss only, as do
+                samples whose target is ``-1``.
+        """
+        self._pair_checked = False
+        return super().fit(x, y, unlabelled=unlabelled, **kwargs)

@@ -1,0 +1,62 @@
+"""The two records that flow through the engine: a :class:`Batch` in, :class:`Outputs` out.
+
+Both are small dataclasses of tensors, so losses, teachers and callbacks agree on names
+instead of on tuple positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: Target value of a sample that has no label: it contributes the distillation loss only.
+UNLABELLED = -1
+
+
+@dataclass
+class Batch:
+    """One mini-batch.
+
+    Attributes:
+        inputs: model inputs, e.g. ``(B, C, H, W)`` images or ``(B, D)`` vectors.
+        targets: ``(B,)`` integer class labels; :data:`UNLABELLED` (``-1``) marks a sample
+            without a label, or ``None`` when the data has no labels at all (``predict``).
+        index: ``(B,)`` position of each sample in its dataset, so per-sample state (an
+            offline teacher cache, a contrastive memory bank) can be looked up; ``None``
+            when the source cannot tell.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """Return the batch on ``device`` (non-blocking where that is safe)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.inputs), move(self.targets), move(self.index))
+
+    @property
+    def labelled(self) -> torch.Tensor | None:
+        """``(B,)`` boolean mask of the samples that carry a label, or ``None`` if all do."""
+        if self.targets is None:
+            return None
+        mask = self.targets != UNLABELLED
+        return None if bool(mask.all()) else mask
+
+
+@dataclass
+class Outputs:
+    """What a model (student or teacher) produced for a batch.
+
+    Attributes:
+        logits: ``(B, C)`` for classifiers, ``(B, T, V)`` for sequence models; losses
+            reduce over the last axis.
+        features: intermediate outputs captured by taps, by module path.
+    """
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,46 @@
+"""Plots for reports (matplotlib, imported only when a plot is drawn, headless backend)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..checkpoint import atomic_write
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Test accuracy per epoch",
+    ylabel: str = "test accuracy",
+) -> Path:
+    """Line plot of one metric per epoch for several models, written atomically as PNG.
+
+    Args:
+        curves: ``{model name: [value at epoch 1, value at epoch 2, ...]}``.
+        path: the ``.png`` file to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, values in curves.items():
+        epochs = list(range(1, len(values) + 1))
+        ax.plot(epochs, [100 * v for v in values], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{ylabel} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    longest = max((len(v) for v in curves.values()), default=1)
+    ax.set_xticks(range(1, longest + 1))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))

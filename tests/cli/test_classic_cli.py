@@ -1,0 +1,144 @@
+"""`kdistill classic` end to end on scikit-learn's digits (seconds, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdistill.cli import main
+
+pytest.importorskip("sklearn")
+
+FAST = ["--dataset", "digits", "--teacher-epochs", "2", "--student-epochs", "2", "--batch-size", "32", "--quiet"]
+
+
+def _run(out, *extra: str) -> int:
+    return main(["classic", "--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("classic")
+    assert _run(out) == 0
+    return out
+
+
+def test_writes_the_run_directory(run_dir):
+    for name in ("config.json", "metrics.json", "report.md", "accuracy.png"):
+        assert (run_dir / name).is_file(), name
+    for stage in ("teacher", "scratch", "distilled"):
+        for name in ("checkpoint.pt", "history.json", "log.csv", "done.json"):
+            assert (run_dir / "stages" / stage / name).is_file(), f"{stage}/{name}"
+    assert (run_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_hold_the_comparison(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    models = metrics["models"]
+    assert set(models) == {"teacher", "scratch", "distilled"}
+    for m in models.values():
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["parameters"] > 0 and m["size_bytes"] > 0 and m["latency_ms"] > 0 and m["throughput"] > 0
+    # the students share an architecture, far smaller than the teacher's
+    assert models["scratch"]["parameters"] == models["distilled"]["parameters"]
+    assert models["teacher"]["parameters"] > 50 * models["distilled"]["parameters"]
+    gain = 100 * (models["distilled"]["test_accuracy"] - models["scratch"]["test_accuracy"])
+    assert metrics["distillation_gain_points"] == pytest.approx(gain)
+    # one accuracy per epoch for the plot
+    assert [len(v) for v in metrics["curves"]["val_accuracy"].values()] == [2, 2, 2]
+    assert metrics["machine"]["torch_threads"] >= 1
+
+
+def test_report_has_the_table(run_dir):
+    report = (run_dir / "report.md").read_text()
+    assert "| teacher |" in report and "| scratch |" in report and "| distilled |" in report
+    assert "test accuracy" in report and "speed-up vs teacher" in report
+    assert "![test accuracy per epoch](accuracy.png)" in report
+
+
+def test_rerun_reuses_finished_stages(run_dir, capsys):
+    before = {s: (run_dir / "stages" / s / "checkpoint.pt").stat().st_mtime_ns for s in ("teacher", "scratch", "distilled")}
+    assert _run(run_dir) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3
+    after = {s: (run_dir / "stages" / s / "checkpoint.pt").stat().st_mtime_ns for s in before}
+    assert after == before
+
+
+def test_changed_settings_retrain_only_what_they_affect(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out) == 0
+    capsys.readouterr()
+    assert _run(out, "--alpha", "0.5") == 0
+    log = capsys.readouterr().out
+    assert "[teacher] finished earlier" in log and "[scratch] finished earlier" in log
+    assert "[distilled] settings changed" in log
+    assert json.loads((out / "metrics.json").read_text())["config"]["alpha"] == 0.5
+
+
+def test_an_interrupted_run_resumes_at_the_unfinished_stage(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out) == 0
+    # a kill during the distilled stage leaves no done.json for it
+    (out / "stages" / "distilled" / "done.json").unlink()
+    capsys.readouterr()
+    assert _run(out) == 0
+    log = capsys.readouterr().out
+    assert log.count("reusing") == 2 and "[distilled] training" in log
+
+
+def test_a_corrupt_stage_checkpoint_is_retrained(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out) == 0
+    ckpt = out / "stages" / "scratch" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    capsys.readouterr()
+    assert _run(out) == 0
+    log = capsys.readouterr().out
+    assert "[scratch] cannot reuse" in log and "truncated or corrupt" in log
+
+
+def test_subset_with_unlabelled(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "--subset", "200", "--unlabelled") == 0
+    ds = json.loads((out / "metrics.json").read_text())["dataset"]
+    assert ds["labelled"] == 200 and ds["unlabelled"] == ds["train"] - 200
+    assert "unlabelled (soft targets only)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
+        (["--temperature", "0"], "temperature must be a positive number"),
+        (["--unlabelled"], "--unlabelled needs --subset"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, capsys, args, message):
+    assert main(["classic", "--out", str(tmp_path / "r"), *FAST, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "stages").exists()
+
+
+def test_missing_dataset_names_where_it_looked(tmp_path, monkeypatch, capsys):
+    import kdistill.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "DEBIAN_DATASETS", tmp_path / "debian")
+    monkeypatch.delenv("KDISTILL_DATA", raising=False)
+    code = main(["classic", "--out", str(tmp_path / "r"), "--dataset", "kmnist", "--data-dir", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert str(tmp_path / "nowhere") in err and "--data-dir" in err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "kdistill", "classic", "--help"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120,
+    )
+    assert result.returncode == 0
+    assert "--subset" in result.stdout and "--unlabelled" in result.stdout
