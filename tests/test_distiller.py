@@ -574,7 +574,7 @@ def test_fit_without_labels_distils_from_the_teacher_alone():
     teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
     student = nn.Sequential(nn.Linear(6, 4))
     x = torch.randn(256, 6)
-    distiller = Distiller(student, teacher)
+    distiller = Distiller(student, teacher, device="cpu")
     distiller.compile("adam", alpha=0.5, temperature=2.0, learning_rate=1e-2)
     with torch.no_grad():
         before = kd_loss(student(x), teacher(x), 2.0)

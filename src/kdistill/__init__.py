@@ -12,6 +12,7 @@ from .distiller import Distiller, Trainer
 from .errors import (
     CheckpointError,
     DatasetNotFoundError,
+    IdxFormatError,
     InvalidDivergenceError,
     KDistillError,
     ModelInputError,
@@ -34,6 +35,7 @@ __all__ = [
     "Distiller",
     "EarlyStopping",
     "History",
+    "IdxFormatError",
     "InvalidDivergenceError",
     "JSONLogger",
     "KDLoss",

@@ -236,16 +236,21 @@ class Trainer:
             return {}
         return {name: fn(logits, targets) for name, fn in self.metrics.items()}
 
-    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        """Raise :class:`NonFiniteLossError` naming the step and term if any is NaN/inf."""
-        for name, value in terms.items():
-            if not bool(torch.isfinite(value).all()):
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Raise :class:`NonFiniteLossError` naming the step and term if any is NaN/inf.
+
+        Reads every term with one device synchronisation and returns them as floats.
+        """
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+        for name, value in zip(terms, values):
+            if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"loss term '{name}' is {float(value.detach())} at epoch {self.epoch + 1}, step "
+                    f"loss term '{name}' is {value} at epoch {self.epoch + 1}, step "
                     f"{self.step_in_epoch + 1} (global step {self.global_step + 1}); training stopped "
                     "before the optimizer step, so the weights are the last finite ones. Common "
                     "causes: a learning rate too high, NaN/inf in the inputs, or a loss taking log(0)."
                 )
+        return dict(zip(terms, values))
 
     def optimize(self, loss: torch.Tensor) -> None:
         """Backward pass and optimizer step (skipped when the loss has no gradient)."""
@@ -553,9 +558,9 @@ class Distiller(Trainer):
             student_loss, _ = self.supervised_loss(student_out.logits, batch)
         distillation_loss = self.distillation_loss(student_out, teacher_out, batch)
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
-        self.check_finite(terms)
+        values = self.check_finite(terms)  # one device sync for both checks
         if self.distillation_loss.nonnegative:
-            check_divergence(self.distillation_loss.name, float(distillation_loss.detach()))
+            check_divergence(self.distillation_loss.name, values["distillation_loss"])
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         # 4. update the student
         self.optimize(loss)

@@ -30,3 +30,7 @@ class DatasetNotFoundError(KDistillError, FileNotFoundError):
 
 class ModelInputError(KDistillError, ValueError):
     """A model rejected the inputs it was given (wrong shape, channels or dtype)."""
+
+
+class IdxFormatError(KDistillError, ValueError):
+    """A file is not a valid IDX file: empty, truncated, or with a bad header."""

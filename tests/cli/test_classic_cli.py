@@ -142,3 +142,32 @@ def test_python_dash_m_entry_point():
     )
     assert result.returncode == 0
     assert "--subset" in result.stdout and "--unlabelled" in result.stdout
+
+
+def _metrics(teacher: float, scratch: float, distilled: float) -> dict:
+    row = dict(parameters=1000, size_bytes=4000, latency_ms=1.0, latency_p90_ms=1.2, latency_batch=1,
+               throughput=100.0, throughput_batch=256, train_seconds=1.0)
+    models = {name: {**row, "test_accuracy": acc} for name, acc in
+              (("teacher", teacher), ("scratch", scratch), ("distilled", distilled))}
+    models["teacher"]["parameters"] = 50_000
+    return {
+        "config": {"teacher": "t", "student": "s", "teacher_epochs": 1, "student_epochs": 2, "learning_rate": 1e-3,
+                   "batch_size": 64, "alpha": 0.1, "temperature": 10.0, "seed": 0},
+        "dataset": {"name": "d", "train": 100, "labelled": 100, "unlabelled": 0, "test": 10},
+        "models": models,
+        "distillation_gain_points": 100 * (distilled - scratch),
+        "machine": {"processor": "cpu", "torch_threads": 2, "torch": "x"},
+    }
+
+
+def test_report_explains_a_result_without_gain():
+    from kdistill.cli.classic import render_report
+
+    weak_teacher = render_report(_metrics(0.870, 0.873, 0.856))
+    assert "Why no gain here" in weak_teacher and "no more accurate than" in weak_teacher
+    assert "-1.70 points" in weak_teacher
+    slow_student = render_report(_metrics(0.95, 0.80, 0.79))
+    assert "Why no gain here" in slow_student and "--student-epochs" in slow_student
+    helped = render_report(_metrics(0.95, 0.80, 0.90))
+    assert "Why no gain" not in helped and "+10.00 points" in helped
+    assert "50x fewer parameters" in helped

@@ -222,7 +222,8 @@ def run_classic(
         "machine": machine_description(),
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    plot_curves(curves, run_dir / "accuracy.png", title=f"Test accuracy per epoch ({data.name})")
+    plot_curves(curves, run_dir / "accuracy.png", title=f"Test accuracy per epoch ({data.name})",
+                references={"teacher (final)": results["teacher"]["test_accuracy"]})
     atomic_write_text(run_dir / "report.md", render_report(metrics))
     return metrics
 
@@ -250,6 +251,7 @@ def render_report(metrics: dict) -> str:
         f"parameters and {human_bytes(m['teacher']['size_bytes'])} -> {human_bytes(m['distilled']['size_bytes'])} "
         f"on disk compared with the teacher.",
         "",
+        *_advice(m, gain),
         "Training time (s): " + ", ".join(f"{k} {v['train_seconds']:.0f}" for k, v in m.items()) + ".",
         "",
         "![test accuracy per epoch](accuracy.png)",
@@ -260,6 +262,23 @@ def render_report(metrics: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _advice(models: dict, gain: float) -> list[str]:
+    """A paragraph explaining a result where distillation did not help, else nothing."""
+    if gain > 0:
+        return []
+    gap = 100 * (models["teacher"]["test_accuracy"] - models["scratch"]["test_accuracy"])
+    if gap < 1.0:
+        t, sc = 100 * models["teacher"]["test_accuracy"], 100 * models["scratch"]["test_accuracy"]
+        standing = "only slightly more accurate than" if gap > 0 else "no more accurate than"
+        why = (f"The teacher ({t:.2f}%) is {standing} the student trained from scratch ({sc:.2f}%), so "
+               "it has little to teach: train it longer (`--teacher-epochs`), or give the students "
+               "fewer labels (`--subset N --unlabelled`), where soft targets matter most.")
+    else:
+        why = ("The student did not catch up with its softened targets in this budget: try more "
+               "`--student-epochs`, or a lower `--temperature`.")
+    return [f"**Why no gain here:** {why}", ""]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import KDistillError
+from ..errors import IdxFormatError
 
 __all__ = ["IdxFormatError", "read_idx", "load_idx_images", "load_idx_labels"]
 
@@ -37,10 +37,6 @@ _IDX_DTYPES: dict[int, np.dtype] = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-class IdxFormatError(KDistillError, ValueError):
-    """A file is not a valid IDX file: empty, truncated, or with a bad header."""
 
 
 def _read_bytes(path: Path) -> bytes:

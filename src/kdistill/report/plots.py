@@ -16,12 +16,15 @@ def plot_curves(
     *,
     title: str = "Test accuracy per epoch",
     ylabel: str = "test accuracy",
+    references: Mapping[str, float] | None = None,
 ) -> Path:
     """Line plot of one metric per epoch for several models, written atomically as PNG.
 
     Args:
         curves: ``{model name: [value at epoch 1, value at epoch 2, ...]}``.
         path: the ``.png`` file to write.
+        references: ``{label: value}`` drawn as dashed horizontal lines (e.g. the
+            teacher's final accuracy, when it trained for fewer epochs than the students).
     """
     import matplotlib
 
@@ -32,6 +35,8 @@ def plot_curves(
     for name, values in curves.items():
         epochs = list(range(1, len(values) + 1))
         ax.plot(epochs, [100 * v for v in values], marker="o", label=name)
+    for label, value in (references or {}).items():
+        ax.axhline(100 * value, linestyle="--", linewidth=1, color="gray", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{ylabel} (%)")
     ax.set_title(title)
