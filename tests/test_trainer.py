@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from kdistill.data.loader import ArrayLoader, make_loader
+from kdistill.callbacks import Callback
 from kdistill.distiller import Trainer
 from kdistill.errors import ModelInputError, NonFiniteLossError
 from kdistill.models import build_model
@@ -460,3 +461,30 @@ def test_initial_epoch_resumes_numbering():
     t = Trainer(linear(), device="cpu").compile("sgd")
     h = t.fit(x, y, epochs=5, initial_epoch=3, verbose=0)
     assert h.epoch == [3, 4] and len(h.history["loss"]) == 2
+
+
+def test_steps_per_epoch_cycles_the_data_and_reshuffles():
+    """An epoch of N steps draws batches pass after pass, continuing across epochs."""
+    seen: list[torch.Tensor] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, step, logs=None):
+            seen.append(self.trainer._last_index)
+
+    class IndexTrainer(Trainer):
+        def train_step(self, batch):
+            self._last_index = batch.index.clone()
+            return super().train_step(batch)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    trainer = IndexTrainer(nn.Linear(4, 3), device="cpu").compile("sgd", learning_rate=0.1)
+    history = trainer.fit(x, y, epochs=3, batch_size=4, steps_per_epoch=5, verbose=0, seed=0, callbacks=[Record()])
+    assert len(history.history["loss"]) == 3 and len(seen) == 15
+    # batches of 4, 4, 2 per pass: 15 steps are exactly 5 passes, each a permutation of 0..9
+    passes = [torch.cat(seen[i : i + 3]) for i in range(0, 15, 3)]
+    for p in passes:
+        assert sorted(p.tolist()) == list(range(10))
+    assert any(not torch.equal(passes[0], p) for p in passes[1:])  # reshuffled
+    with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer"):
+        trainer.fit(x, y, steps_per_epoch=0, verbose=0)

@@ -65,6 +65,22 @@ class _EpochMeans:
         return {k: self.sums[k] / self.weights[k] for k in self.sums}
 
 
+class _Cycle:
+    """Draws batches from a loader pass after pass (a new shuffle each pass)."""
+
+    def __init__(self, loader: Iterable[Batch]):
+        self.loader = loader
+        self.iterator = iter(loader)
+
+    def take(self, n: int):
+        for _ in range(n):
+            try:
+                yield next(self.iterator)
+            except StopIteration:
+                self.iterator = iter(self.loader)
+                yield next(self.iterator)
+
+
 class Trainer:
     """Trains and evaluates one model: a teacher, or a student from scratch.
 
@@ -305,6 +321,7 @@ class Trainer:
         verbose: int = 1,
         seed: int | None = None,
         initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
         **loader_kwargs: Any,
     ) -> History:
         """Train for ``epochs`` epochs.
@@ -323,6 +340,11 @@ class Trainer:
             seed: seed every generator first; with the same initial weights the run is
                 then repeatable bit for bit on the CPU.
             initial_epoch: the epoch to start at (for resuming).
+            steps_per_epoch: optimizer steps per epoch; the data is cycled (reshuffled at
+                each pass, continuing where the last epoch stopped) instead of making one
+                pass. Used to give two runs the same number of steps on data of different
+                sizes (e.g. a student trained from scratch on a labelled subset, against a
+                distilled one that also sees unlabelled data).
 
         Returns:
             A :class:`~kdistill.callbacks.History` of per-epoch logs.
@@ -350,7 +372,10 @@ class Trainer:
         self.history = history
         self.stop_training = False
         self._epochs = epochs
-        self._steps_per_epoch = len(train)
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        self._steps_per_epoch = steps_per_epoch or len(train)
+        batches = _Cycle(train) if steps_per_epoch else None
         for cb in cbs:
             cb.on_train_begin()
         # 2. train, one epoch at a time
@@ -360,7 +385,8 @@ class Trainer:
                 cb.on_epoch_begin(epoch)
             self.model.train()
             means = _EpochMeans()
-            for step, batch in enumerate(train):
+            epoch_batches = train if batches is None else batches.take(steps_per_epoch)
+            for step, batch in enumerate(epoch_batches):
                 self.step_in_epoch = step
                 batch = batch.to(self.device)
                 self._last_batch_size = len(batch)

@@ -107,6 +107,12 @@ def test_subset_with_unlabelled(tmp_path):
     assert _run(out, "--subset", "200", "--unlabelled") == 0
     ds = json.loads((out / "metrics.json").read_text())["dataset"]
     assert ds["labelled"] == 200 and ds["unlabelled"] == ds["train"] - 200
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = -(-ds["train"] // 32)  # batch 32 over labelled + unlabelled
+    assert metrics["scratch_steps_per_epoch"] == steps
+    scratch_log = (out / "stages" / "scratch" / "log.csv").read_text().splitlines()
+    assert len(scratch_log) == 1 + 2  # header + 2 epochs, each of `steps` steps
+    assert "as many optimizer steps as the distilled one" in (out / "report.md").read_text()
     assert "unlabelled (soft targets only)" in (out / "report.md").read_text()
 
 

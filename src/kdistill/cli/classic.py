@@ -179,19 +179,24 @@ def run_classic(
 
     # 3. the student from scratch, on the labelled data
     scratch = build(config.student)
-    s_fp = _fingerprint(data_id, config.student, config.student_epochs, config.batch_size,
-                        config.learning_rate, config.subset, config.seed)
+    # with unlabelled data the distilled student takes more steps per epoch; give the scratch
+    # student as many (cycling its labelled samples), so neither is short of optimisation
+    steps = None if x_unl is None else -(-(len(x_lab) + len(x_unl)) // config.batch_size)
+    student_id = (data_id, config.student, config.student_epochs, config.batch_size,
+                  config.learning_rate, config.subset, config.seed)
+    s_fp = _fingerprint(student_id, steps)
 
     def train_scratch(callbacks: list) -> History:
         trainer = Trainer(scratch, device=device)
         trainer.compile("adam", metrics=["accuracy"], learning_rate=config.learning_rate)
-        return trainer.fit(x_lab, y_lab, epochs=config.student_epochs, callbacks=callbacks, **common)
+        return trainer.fit(x_lab, y_lab, epochs=config.student_epochs, steps_per_epoch=steps,
+                           callbacks=callbacks, **common)
 
     stages["scratch"] = _stage(run_dir, "scratch", s_fp, scratch, train_scratch, log)
 
     # 4. the same student distilled from the teacher
     distilled = build(config.student)
-    d_fp = _fingerprint(s_fp, t_fp, config.alpha, config.temperature, config.unlabelled)
+    d_fp = _fingerprint(student_id, t_fp, config.alpha, config.temperature, config.unlabelled)
 
     def train_distilled(callbacks: list) -> History:
         distiller = Distiller(student=distilled, teacher=teacher, device=device)
@@ -216,6 +221,7 @@ def run_classic(
         "config": asdict(config),
         "dataset": {"name": data.name, "train": len(x_train), "labelled": len(x_lab),
                     "unlabelled": 0 if x_unl is None else len(x_unl), "test": len(x_test)},
+        "scratch_steps_per_epoch": steps,
         "models": results,
         "distillation_gain_points": 100 * (results["distilled"]["test_accuracy"] - results["scratch"]["test_accuracy"]),
         "curves": {"val_accuracy": curves},
@@ -236,13 +242,18 @@ def render_report(metrics: dict) -> str:
     data_line = f"{ds['labelled']:,} labelled training samples"
     if ds["unlabelled"]:
         data_line += f" + {ds['unlabelled']:,} unlabelled (soft targets only)"
+    steps = metrics.get("scratch_steps_per_epoch")
+    same_steps = (
+        f" The scratch student takes as many optimizer steps as the distilled one ({steps} per epoch, "
+        "cycling its labelled samples)." if steps else ""
+    )
     lines = [
         f"# Knowledge distillation on {ds['name']}",
         "",
         f"Teacher `{cfg['teacher']}` ({cfg['teacher_epochs']} epoch(s) on {ds['train']:,} samples); "
         f"student `{cfg['student']}` from scratch and distilled ({cfg['student_epochs']} epoch(s) on {data_line}); "
         f"Adam lr {cfg['learning_rate']}, batch {cfg['batch_size']}, alpha {cfg['alpha']}, "
-        f"temperature {cfg['temperature']}, seed {cfg['seed']}. Test set: {ds['test']:,} samples.",
+        f"temperature {cfg['temperature']}, seed {cfg['seed']}. Test set: {ds['test']:,} samples.{same_steps}",
         "",
         comparison_table(m),
         "",
