@@ -28,15 +28,6 @@ from kdistill.outputs import UNLABELLED, Batch, Outputs
 D, C = 8, 4  # input features, classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from intra-op threads; on a busy machine they contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- helpers
 
 

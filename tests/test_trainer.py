@@ -19,15 +19,6 @@ from kdistill.models import build_model
 from kdistill.outputs import Batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not fight other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blobs(n: int = 96, d: int = 4, c: int = 3, seed: int = 0):
     """Linearly separable Gaussian blobs: a problem a linear model learns in a few epochs."""
     g = np.random.default_rng(seed)
