@@ -7,6 +7,7 @@ instead of on tuple positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -39,9 +40,11 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.inputs), move(self.targets), move(self.index))
 
-    @property
+    @cached_property
     def labelled(self) -> torch.Tensor | None:
-        """``(B,)`` boolean mask of the samples that carry a label, or ``None`` if all do."""
+        """``(B,)`` boolean mask of the samples that carry a label, or ``None`` if all do.
+
+        Computed once per batch (it costs a device synchronisation)."""
         if self.targets is None:
             return None
         mask = self.targets != UNLABELLED

@@ -177,3 +177,19 @@ def test_report_explains_a_result_without_gain():
     helped = render_report(_metrics(0.95, 0.80, 0.90))
     assert "Why no gain" not in helped and "+10.00 points" in helped
     assert "50x fewer parameters" in helped
+
+
+def test_reported_accuracy_is_that_of_the_saved_weights(run_dir):
+    """The report's accuracy (the last epoch's evaluation) matches the checkpoint on disk."""
+    import torch
+
+    from kdistill import Trainer, build_model, load_checkpoint, load_dataset
+
+    data = load_dataset("digits")
+    metrics = json.loads((run_dir / "metrics.json").read_text())["models"]
+    for stage, arch in (("teacher", "classic_teacher"), ("distilled", "classic_student")):
+        model = build_model(arch, num_classes=10, in_channels=1, input_size=8)
+        load_checkpoint(run_dir / "stages" / stage / "checkpoint.pt", model)
+        logits = Trainer(model, device="cpu").predict(data.x_test)
+        accuracy = float((logits.argmax(-1) == torch.from_numpy(data.y_test)).float().mean())
+        assert metrics[stage]["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
