@@ -575,3 +575,21 @@ def test_fit_without_labels_distils_from_the_teacher_alone():
     assert "student_loss" not in history.history  # no labelled sample, nothing to average
     assert history.history["loss"][0] == pytest.approx(0.5 * history.history["distillation_loss"][0])
     assert after < 0.5 * before
+
+
+def test_a_teacher_that_rejects_the_inputs_is_named():
+    from kdistill.errors import ModelInputError
+
+    teacher = kdistill_build("classic_teacher", in_channels=3)
+    student = kdistill_build("classic_student", in_channels=1)
+    distiller = Distiller(student, teacher, device="cpu")
+    distiller.compile("adam")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with pytest.raises(ModelInputError, match=r"the teacher \(Sequential\) rejected inputs of shape \(8, 1, 28, 28\).*expects \(batch, 3, 28, 28\)"):
+        distiller.fit(x, y, epochs=1, verbose=0)
+
+
+def kdistill_build(name, **kwargs):
+    from kdistill import build_model
+
+    return build_model(name, **kwargs)

@@ -479,3 +479,16 @@ def test_steps_per_epoch_cycles_the_data_and_reshuffles():
     assert any(not torch.equal(passes[0], p) for p in passes[1:])  # reshuffled
     with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer"):
         trainer.fit(x, y, steps_per_epoch=0, verbose=0)
+
+
+def test_a_train_step_override_may_return_python_floats():
+    class Custom(Trainer):
+        def train_step(self, batch):
+            logs = super().train_step(batch)
+            return {**logs, "constant": 1.5}
+
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    trainer = Custom(nn.Linear(4, 3), device="cpu").compile("sgd", metrics=["accuracy"], learning_rate=0.1)
+    history = trainer.fit(x, y, epochs=2, batch_size=8, verbose=0, seed=0)
+    assert history.history["constant"] == [1.5, 1.5]
+    assert list(history.history)[:3] == ["loss", "accuracy", "constant"]

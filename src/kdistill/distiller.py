@@ -16,12 +16,13 @@ from torch import nn
 
 from .callbacks import Callback, History, ProgressBar
 from .data.loader import make_loader
-from .errors import ModelInputError, NonFiniteLossError
+from .errors import NonFiniteLossError
 from .losses import DistillationLoss, SoftTargetLoss, check_divergence
 from .losses.logits import check_same_classes, check_temperature
 from .metrics import Metric, resolve_metrics
 from .outputs import Batch, Outputs
 from .runtime import get_device, seed_everything
+from .taps import CheckedForward
 from .teacher import LiveTeacher
 
 OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -32,19 +33,6 @@ _OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
     "sgd": (torch.optim.SGD, 1e-2),
     "rmsprop": (torch.optim.RMSprop, 1e-3),
 }
-
-
-def _describe_expected_input(model: nn.Module) -> str:
-    """What a model expects as input, as far as its first layer tells."""
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return f"(batch, {', '.join(str(s) for s in shape)})"
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return f"(batch, {m.in_channels}, ...) with {m.in_channels} input channels"
-        if isinstance(m, nn.Linear):
-            return f"(batch, {m.in_features})"
-    return "the shape its first layer takes"
 
 
 class _EpochMeans:
@@ -63,6 +51,16 @@ class _EpochMeans:
 
     def result(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in self.sums}
+
+
+def _to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Step logs as Python floats, read with one device synchronisation."""
+    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in logs.items() if k not in tensors}  # a user's train_step may return floats
+    if tensors:
+        values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        out.update(zip(tensors, values))
+    return {k: out[k] for k in logs}
 
 
 class _Cycle:
@@ -95,6 +93,8 @@ class Trainer:
         device: where to train (default: :func:`kdistill.runtime.get_device`).
     """
 
+    #: How the trained model is named in error messages.
+    model_role: str = "model"
     #: Logs averaged over the labelled samples only (the rest over every sample).
     label_weighted_logs: tuple[str, ...] = ("loss",)
 
@@ -112,10 +112,9 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        self._inputs_checked = False
-        # (per-sample shape, dtype) of the inputs the model has accepted; anything new is
-        # checked again, so evaluate/predict on other data still explains a rejection
-        self._accepted_inputs: set[tuple[tuple[int, ...], torch.dtype]] = set()
+        # explains a rejected input shape/dtype (checked again for each new one, so
+        # evaluate/predict on other data still explains a rejection)
+        self._checked_forward = CheckedForward(self.model_role)
 
     # ------------------------------------------------------------------ set-up
     def compile(
@@ -190,32 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Run ``model`` on ``inputs``; a rejected input shape or dtype is explained."""
-        kind = (tuple(inputs.shape[1:]), inputs.dtype)
-        if self._inputs_checked and kind in self._accepted_inputs:
-            return model(inputs)
-        try:
-            out = model(inputs)
-        except (RuntimeError, ValueError, IndexError) as e:
-            float_model = any(p.is_floating_point() for p in model.parameters())
-            fix = (
-                "Convert the inputs to float first, e.g. x.astype('float32') / 255 for 8-bit images."
-                if float_model and not inputs.is_floating_point()
-                else "Reshape the data or build the model for it."
-            )
-            raise ModelInputError(
-                f"{type(model).__name__} rejected inputs of shape {tuple(inputs.shape)} "
-                f"(dtype {inputs.dtype}); it expects {_describe_expected_input(model)}. "
-                f"{fix} ({type(e).__name__}: {str(e).splitlines()[0]})"
-            ) from e
-        if not isinstance(out, torch.Tensor) or out.dim() < 2:
-            raise ModelInputError(
-                f"{type(model).__name__} returned {type(out).__name__}"
-                f"{'' if not isinstance(out, torch.Tensor) else ' of shape ' + str(tuple(out.shape))}; "
-                "kdistill expects (B, C) logits (or (B, T, V) for sequences)"
-            )
-        self._inputs_checked = True
-        self._accepted_inputs.add(kind)
-        return out
+        return self._checked_forward(model, inputs)
 
     def supervised_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         """The hard-label loss over the labelled samples of ``batch``.
@@ -355,6 +329,8 @@ class Trainer:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
         if seed is not None:
             seed_everything(seed)
         generator = torch.Generator()
@@ -372,8 +348,6 @@ class Trainer:
         self.history = history
         self.stop_training = False
         self._epochs = epochs
-        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
         self._steps_per_epoch = steps_per_epoch or len(train)
         batches = _Cycle(train) if steps_per_epoch else None
         for cb in cbs:
@@ -390,7 +364,7 @@ class Trainer:
                 self.step_in_epoch = step
                 batch = batch.to(self.device)
                 self._last_batch_size = len(batch)
-                logs = {k: float(v) for k, v in self.train_step(batch).items()}
+                logs = _to_floats(self.train_step(batch))
                 means.update(logs, self._step_weights(batch))
                 self.global_step += 1
                 running = means.result()
@@ -422,7 +396,7 @@ class Trainer:
         with torch.inference_mode():
             for batch in loader:
                 batch = batch.to(self.device)
-                logs = {k: float(v) for k, v in self.test_step(batch).items()}
+                logs = _to_floats(self.test_step(batch))
                 # every eval log is over the labelled samples only
                 mask = batch.labelled
                 means.update(logs, {"*": float(len(batch) if mask is None else mask.sum())})
@@ -469,6 +443,7 @@ class Distiller(Trainer):
     """
 
     label_weighted_logs = ("student_loss",)
+    model_role = "student"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | LiveTeacher, *, device: str | torch.device | None = None):
         super().__init__(student, device=device)

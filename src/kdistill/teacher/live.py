@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..outputs import Batch, Outputs
+from ..taps import CheckedForward
 
 
 class LiveTeacher:
@@ -30,6 +31,7 @@ class LiveTeacher:
             module.to(device)
         module.requires_grad_(False)
         module.eval()
+        self._forward = CheckedForward("teacher")
 
     def parameters(self):
         """The teacher's parameters (all frozen)."""
@@ -40,7 +42,7 @@ class LiveTeacher:
         if self.module.training:
             self.module.eval()
         with torch.inference_mode():
-            logits = self.module(batch.inputs)
+            logits = self._forward(self.module, batch.inputs)
         return Outputs(logits=logits.clone())
 
     def __repr__(self) -> str:
