@@ -292,3 +292,20 @@ def test_fit_verbose_0_prints_nothing(capsys):
     trainer.fit(np.zeros((10, 3), np.float32), np.zeros(10, np.int64), epochs=2, verbose=0)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_progress_bar_shows_loss_terms_and_throughput(capsys):
+    """verbose=1: a tqdm bar per epoch whose postfix carries every loss term and samples/s."""
+    import torch
+    from torch import nn
+
+    from kdistill import Distiller
+
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    distiller = Distiller(student, teacher, device="cpu").compile("sgd", metrics=["accuracy"], learning_rate=0.1)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    distiller.fit(x, y, epochs=2, batch_size=16, verbose=1)
+    err = capsys.readouterr().err
+    for text in ("epoch 1/2", "epoch 2/2", "4/4", "student_loss=", "distillation_loss=", "accuracy=", "samples/s="):
+        assert text in err, text
