@@ -252,7 +252,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimisation step on ``batch``; returns the loss and metrics (tensors)."""
         logits = self.forward(self.model, batch.inputs)
-        loss, n_labelled = self.supervised_loss(logits, batch)
+        loss, _ = self.supervised_loss(logits, batch)
         self.check_finite({"loss": loss})
         self.optimize(loss)
         return {"loss": loss.detach(), **self.compute_metrics(logits.detach(), batch)}
