@@ -231,8 +231,8 @@ class Trainer:
 
         Reads every term with one device synchronisation and returns them as floats.
         """
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
-        for name, value in zip(terms, values):
+        values = _to_floats(terms)
+        for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss term '{name}' is {value} at epoch {self.epoch + 1}, step "
@@ -240,7 +240,7 @@ class Trainer:
                     "before the optimizer step, so the weights are the last finite ones. Common "
                     "causes: a learning rate too high, NaN/inf in the inputs, or a loss taking log(0)."
                 )
-        return dict(zip(terms, values))
+        return values
 
     def optimize(self, loss: torch.Tensor) -> None:
         """Backward pass and optimizer step (skipped when the loss has no gradient)."""
