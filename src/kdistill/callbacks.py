@@ -117,15 +117,28 @@ class ProgressBar(Callback):
             print(f"epoch {epoch + 1}/{self._epochs} - {body} - {rate:.0f} samples/s", flush=True)
 
 
+def _history_rows(trainer: Any) -> list[dict]:
+    """The epochs a trainer's history already holds (a resumed fit starts with them)."""
+    history = getattr(trainer, "history", None)
+    if history is None:
+        return []
+    return [{"epoch": e, **{k: v[i] for k, v in history.history.items() if i < len(v)}}
+            for i, e in enumerate(history.epoch)]
+
+
 class CSVLogger(Callback):
     """Appends one row per epoch to a CSV file (``epoch`` + every log key).
 
-    The file is rewritten atomically each epoch, so it is never half-written.
+    The file is rewritten atomically each epoch, so it is never half-written; a resumed
+    ``fit`` starts from the epochs its restored history holds, so no row is lost or doubled.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.rows: list[dict] = []
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.rows = _history_rows(self.trainer)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.rows.append({"epoch": epoch, **(logs or {})})
@@ -140,11 +153,15 @@ class CSVLogger(Callback):
 
 
 class JSONLogger(Callback):
-    """Writes one JSON object per epoch to a JSON-lines file (rewritten atomically)."""
+    """Writes one JSON object per epoch to a JSON-lines file (rewritten atomically;
+    a resumed ``fit`` keeps the epochs its restored history holds)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.lines: list[str] = []
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.lines = [json.dumps(row) for row in _history_rows(self.trainer)]
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.lines.append(json.dumps({"epoch": epoch, **(logs or {})}))
@@ -267,3 +284,51 @@ class EarlyStopping(Callback):
             self.trainer.stop_training = True
             if self.restore_best_weights and self._best_state is not None:
                 self.trainer.model.load_state_dict(self._best_state)
+
+
+class TrainingCheckpoint(Callback):
+    """Saves everything a killed ``fit`` needs to resume: model, optimizer, scheduler,
+    the distillation loss's own parameters (adapters), RNG states, epoch, step, the data
+    order's position, the epoch's running means and the history.
+
+    Written atomically at the end of every epoch, and within an epoch every
+    ``every_steps`` optimizer steps and/or every ``every_seconds`` seconds. Resume with
+    ``trainer.fit(..., resume_from=path)``: the run then ends with the same weights and
+    metrics as one that was never interrupted (bit for bit on the CPU with the same
+    thread count, for arrays, tensors and Datasets; a user's own ``DataLoader`` resumes at
+    the right step, in its own shuffle order).
+
+    Args:
+        path: the file (``last.pt`` in a run directory).
+        every_steps: save after every this many steps within an epoch (``None``: not by steps).
+        every_seconds: save when this many seconds passed since the last save (``None``:
+            not by time).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, every_steps: int | None = None, every_seconds: float | None = None):
+        if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):
+            raise ValueError(f"every_steps must be a positive integer or None, got {every_steps!r}")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ValueError(f"every_seconds must be > 0 or None, got {every_seconds!r}")
+        self.path = Path(path)
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self._last = time.monotonic()
+
+    def _save(self) -> None:
+        from .checkpoint import save_training_state
+
+        save_training_state(self.path, self.trainer.training_state())
+        self._last = time.monotonic()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, step: int, logs: dict | None = None) -> None:
+        due = self.every_steps is not None and (step + 1) % self.every_steps == 0
+        due = due or (self.every_seconds is not None and time.monotonic() - self._last >= self.every_seconds)
+        if due and step + 1 < self.trainer._steps_per_epoch:  # the epoch-end save follows anyway
+            self._save()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._save()

@@ -164,3 +164,34 @@ def load_checkpoint(
     if optimizer is not None and payload.get("optimizer") is not None:
         optimizer.load_state_dict(payload["optimizer"])
     return {k: payload.get(k) for k in ("epoch", "metrics", "extra", "model_name", "kdistill_version")}
+
+
+TRAINING_STATE_FORMAT = "kdistill-training-state"
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a trainer's resumable state (:meth:`kdistill.Trainer.training_state`) atomically."""
+    buffer = io.BytesIO()
+    torch.save({"format": TRAINING_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def read_training_state(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a file written by :func:`save_training_state`.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, or not a training state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no training state at {path}: the file does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"training state {path} ({path.stat().st_size} bytes) is truncated or corrupt "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to restart the stage"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a kdistill training state (no '{TRAINING_STATE_FORMAT}' marker)")
+    return state

@@ -63,20 +63,46 @@ def _to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: out[k] for k in logs}
 
 
-class _Cycle:
-    """Draws batches from a loader pass after pass (a new shuffle each pass)."""
+class _Passes:
+    """Draws batches from a loader pass after pass (a new shuffle each pass), and can save
+    and restore its position: the shuffle generator's state at the start of the current
+    pass and how many batches of it were drawn."""
 
-    def __init__(self, loader: Iterable[Batch]):
+    def __init__(self, loader: Iterable[Batch], generator: torch.Generator | None):
         self.loader = loader
-        self.iterator = iter(loader)
+        self.generator = generator
+        self.iterator: Any = None
+        self.pass_start: torch.Tensor | None = None
+        self.consumed = 0
 
-    def take(self, n: int):
-        for _ in range(n):
-            try:
-                yield next(self.iterator)
-            except StopIteration:
-                self.iterator = iter(self.loader)
-                yield next(self.iterator)
+    def _new_pass(self) -> None:
+        self.pass_start = None if self.generator is None else self.generator.get_state()
+        self.iterator = iter(self.loader)
+        self.consumed = 0
+
+    def next(self) -> Batch:
+        if self.iterator is None:
+            self._new_pass()
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self._new_pass()
+            batch = next(self.iterator)
+        self.consumed += 1
+        return batch
+
+    def state(self) -> dict:
+        if self.iterator is None or self.consumed >= len(self.loader):  # the next batch starts a pass
+            return {"pass_start": None if self.generator is None else self.generator.get_state(), "consumed": 0}
+        return {"pass_start": self.pass_start, "consumed": self.consumed}
+
+    def restore(self, state: dict) -> None:
+        if self.generator is not None and state["pass_start"] is not None:
+            self.generator.set_state(state["pass_start"])
+        self._new_pass()
+        for _ in range(state["consumed"]):  # index slicing only: no model runs
+            next(self.iterator)
+        self.consumed = state["consumed"]
 
 
 class Trainer:
@@ -104,6 +130,9 @@ class Trainer:
         self.device = get_device(device)
         self.model = model.to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scheduler_interval = "epoch"
+        self.augment: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.metrics: dict[str, Metric] = {}
         self.temperature = 1.0
@@ -125,6 +154,8 @@ class Trainer:
         *,
         temperature: float = 1.0,
         learning_rate: float | None = None,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
     ) -> "Trainer":
         """Configure training.
 
@@ -139,6 +170,11 @@ class Trainer:
                 training; the classic distillation recipe may train the teacher with the
                 same tempered softmax it will be distilled at.
             learning_rate: learning rate when ``optimizer`` is a name.
+            scheduler: a learning-rate scheduler over the optimizer, or a callable
+                ``optimizer -> scheduler`` (e.g. ``lambda opt:
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)``).
+            scheduler_interval: ``"epoch"`` (step the scheduler after each epoch) or
+                ``"step"`` (after each optimizer step).
 
         Returns:
             ``self``, so calls can be chained.
@@ -149,7 +185,20 @@ class Trainer:
             raise TypeError(f"loss must be callable (logits, targets) -> tensor, got {type(loss).__name__}")
         self.metrics = resolve_metrics(metrics)
         self.optimizer = self._build_optimizer(optimizer, learning_rate)
+        self.scheduler, self.scheduler_interval = self._build_scheduler(scheduler, scheduler_interval)
         return self
+
+    def _build_scheduler(self, spec: Any, interval: str) -> tuple[Any, str]:
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {interval!r}")
+        if spec is None:
+            return None, interval
+        sched = spec if hasattr(spec, "step") and hasattr(spec, "state_dict") else spec(self.optimizer)
+        if not (hasattr(sched, "step") and hasattr(sched, "state_dict")):
+            raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler or a factory of one, got {type(sched).__name__}")
+        if getattr(sched, "optimizer", self.optimizer) is not self.optimizer:
+            raise ValueError("the scheduler was built over another optimizer; build it over the one given to compile()")
+        return sched, interval
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer must train (the Distiller adds adapters here)."""
@@ -248,6 +297,8 @@ class Trainer:
         if loss.requires_grad:
             loss.backward()
             self.optimizer.step()
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimisation step on ``batch``; returns the loss and metrics (tensors)."""
@@ -296,6 +347,8 @@ class Trainer:
         seed: int | None = None,
         initial_epoch: int = 0,
         steps_per_epoch: int | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        resume_from: str | Any | None = None,
         **loader_kwargs: Any,
     ) -> History:
         """Train for ``epochs`` epochs.
@@ -319,6 +372,13 @@ class Trainer:
                 pass. Used to give two runs the same number of steps on data of different
                 sizes (e.g. a student trained from scratch on a labelled subset, against a
                 distilled one that also sees unlabelled data).
+            augment: ``augment(inputs) -> inputs``, applied once to each training batch on
+                the device (a Distiller's teacher and student see the same augmented view).
+            resume_from: a training state written by
+                :class:`~kdistill.callbacks.TrainingCheckpoint` (path or dict): model,
+                optimizer, scheduler, RNG states, data position and history are restored
+                and training continues from the step after the one saved; pass the same
+                data and arguments as the interrupted call.
 
         Returns:
             A :class:`~kdistill.callbacks.History` of per-epoch logs.
@@ -331,6 +391,9 @@ class Trainer:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a callable inputs -> inputs, got {type(augment).__name__}")
+        self.augment = augment
         if seed is not None:
             seed_everything(seed)
         generator = torch.Generator()
@@ -349,30 +412,43 @@ class Trainer:
         self.stop_training = False
         self._epochs = epochs
         self._steps_per_epoch = steps_per_epoch or len(train)
-        batches = _Cycle(train) if steps_per_epoch else None
+        self._passes = _Passes(train, generator)
+        self._means = _EpochMeans()
+        self._epoch_done = False
+        self.epoch, self.step_in_epoch = initial_epoch, 0
+        if resume_from is not None:
+            self._restore_training_state(resume_from)  # sets epoch, step, history, RNG, data position
+        start_epoch, start_step = self.epoch, self.step_in_epoch
         for cb in cbs:
             cb.on_train_begin()
         # 2. train, one epoch at a time
-        for epoch in range(initial_epoch, epochs):
+        for epoch in range(start_epoch, epochs):
             self.epoch = epoch
+            self._epoch_done = False
             for cb in cbs:
                 cb.on_epoch_begin(epoch)
             self.model.train()
-            means = _EpochMeans()
-            epoch_batches = train if batches is None else batches.take(steps_per_epoch)
-            for step, batch in enumerate(epoch_batches):
+            if epoch != start_epoch or start_step == 0:
+                self._means = _EpochMeans()
+            for step in range(start_step if epoch == start_epoch else 0, self._steps_per_epoch):
                 self.step_in_epoch = step
-                batch = batch.to(self.device)
+                batch = self._passes.next().to(self.device)
+                if self.augment is not None:
+                    batch = Batch(self.augment(batch.inputs), batch.targets, batch.index)
                 self._last_batch_size = len(batch)
                 logs = _to_floats(self.train_step(batch))
-                means.update(logs, self._step_weights(batch))
+                self._means.update(logs, self._step_weights(batch))
                 self.global_step += 1
-                running = means.result()
+                self.step_in_epoch = step + 1
+                running = self._means.result()
                 for cb in cbs:
                     cb.on_train_batch_end(step, running)
-            epoch_logs = means.result()
+            epoch_logs = self._means.result()
             if val is not None:
                 epoch_logs.update({f"val_{k}": v for k, v in self._run_eval(val).items()})
+            if self.scheduler is not None and self.scheduler_interval == "epoch":
+                self.scheduler.step()
+            self._epoch_done = True
             for cb in cbs:
                 cb.on_epoch_end(epoch, epoch_logs)
             if self.stop_training:
@@ -381,6 +457,57 @@ class Trainer:
         for cb in cbs:
             cb.on_train_end()
         return history
+
+    # ------------------------------------------------------------------ resuming
+    def _resumable_modules(self) -> dict[str, nn.Module]:
+        """Modules whose state a resumed run restores (the Distiller adds its loss)."""
+        return {"model": self.model}
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything :meth:`fit` needs to continue from this point (called by
+        :class:`~kdistill.callbacks.TrainingCheckpoint` within ``fit``)."""
+        from .runtime import rng_state
+
+        epoch, step = (self.epoch + 1, 0) if self._epoch_done else (self.epoch, self.step_in_epoch)
+        return {
+            "modules": {k: m.state_dict() for k, m in self._resumable_modules().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step,
+            "global_step": self.global_step,
+            "data": self._passes.state(),
+            "means": {"sums": dict(self._means.sums), "weights": dict(self._means.weights)} if step else None,
+            "history": self.history.to_dict(),
+            "rng": rng_state(),
+        }
+
+    def _restore_training_state(self, state: Any) -> None:
+        from .checkpoint import read_training_state
+        from .runtime import set_rng_state
+
+        if not isinstance(state, dict):
+            state = read_training_state(state, map_location=self.device)
+        modules = self._resumable_modules()
+        if set(state["modules"]) != set(modules):
+            raise ValueError(
+                f"the training state holds {sorted(state['modules'])} but this {type(self).__name__} "
+                f"has {sorted(modules)}: resume with the trainer the state was saved from"
+            )
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError("the training state and this trainer differ in having a scheduler; compile as the saved run did")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        restored = History.from_dict(state["history"])
+        self.history.history, self.history.epoch = restored.history, restored.epoch
+        if state["means"] is not None:
+            self._means.sums, self._means.weights = dict(state["means"]["sums"]), dict(state["means"]["weights"])
+        self._passes.restore(state["data"])
+        set_rng_state(state["rng"])  # last: restoring the data position draws nothing global
 
     def _eval_loader(self, data: Any, y: Any = None, *, batch_size: int):
         if isinstance(data, tuple) and y is None:
@@ -469,6 +596,8 @@ class Distiller(Trainer):
         *,
         temperature_squared: bool = True,
         learning_rate: float | None = None,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
     ) -> "Distiller":
         """Configure distillation, with the names and meanings of the Keras example.
 
@@ -498,6 +627,7 @@ class Distiller(Trainer):
                 Hinton et al.: keeps the gradient scale independent of ``T``); ``False``
                 reproduces the unscaled form.
             learning_rate: learning rate when ``optimizer`` is a name.
+            scheduler, scheduler_interval: as for :meth:`Trainer.compile`.
 
         Returns:
             ``self``.
@@ -509,7 +639,8 @@ class Distiller(Trainer):
                 "1 - alpha the distillation loss (the Keras example uses 0.1)"
             )
         check_temperature(temperature)
-        super().compile(optimizer, loss=student_loss_fn, metrics=metrics, learning_rate=learning_rate)
+        super().compile(optimizer, loss=student_loss_fn, metrics=metrics, learning_rate=learning_rate,
+                        scheduler=scheduler, scheduler_interval=scheduler_interval)
         teacher_params = {id(p) for p in self.teacher.parameters()}
         if any(id(p) in teacher_params for g in self.optimizer.param_groups for p in g["params"]):
             self.optimizer = None  # not compiled: a later fit must not use this optimizer
@@ -575,6 +706,9 @@ class Distiller(Trainer):
         if "loss" in logs:
             logs["student_loss"] = logs["loss"]
         return logs
+
+    def _resumable_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "distillation_loss": self.distillation_loss}
 
     def _train_loader(self, x: Any, y: Any, batch_size: int, shuffle: bool, generator: torch.Generator, unlabelled: Any = None, **kw: Any):
         if kw:

@@ -34,3 +34,20 @@ class ModelInputError(KDistillError, ValueError):
 
 class IdxFormatError(KDistillError, ValueError):
     """A file is not a valid IDX file: empty, truncated, or with a bad header."""
+
+
+class MissingExtraError(KDistillError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class ExportParityError(KDistillError, ValueError):
+    """An exported model's outputs differ from the PyTorch model's beyond the tolerance."""
+
+
+class ConfigError(KDistillError, ValueError):
+    """An experiment config is invalid: the message names the file, the key path and what
+    was expected."""
+
+
+class RunDirectoryError(KDistillError, FileExistsError):
+    """A run directory already holds a finished (or different) run, or is not a run."""
