@@ -8,6 +8,7 @@ The API is the shape of ``keras.Model`` and of the classic Keras ``Distiller`` e
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .callbacks import Callback, History, ProgressBar
 from .data.loader import make_loader
 from .errors import NonFiniteLossError
-from .losses import DistillationLoss, SoftTargetLoss, check_divergence
+from .losses import DistillationLoss, SoftTargetLoss, WeightedSum, check_divergence
 from .losses.logits import check_same_classes, check_temperature
 from .metrics import Metric, resolve_metrics
 from .outputs import Batch, Outputs
@@ -416,6 +417,7 @@ class Trainer:
         self._means = _EpochMeans()
         self._epoch_done = False
         self.epoch, self.step_in_epoch = initial_epoch, 0
+        self._fit_started, self._elapsed_before = time.perf_counter(), 0.0
         if resume_from is not None:
             self._restore_training_state(resume_from)  # sets epoch, step, history, RNG, data position
         start_epoch, start_step = self.epoch, self.step_in_epoch
@@ -454,6 +456,7 @@ class Trainer:
             if self.stop_training:
                 break
         # 3. clean up
+        self._elapsed_before, self._fit_started = self.elapsed_seconds, None
         for cb in cbs:
             cb.on_train_end()
         return history
@@ -480,7 +483,16 @@ class Trainer:
             "means": {"sums": dict(self._means.sums), "weights": dict(self._means.weights)} if step else None,
             "history": self.history.to_dict(),
             "rng": rng_state(),
+            "elapsed_seconds": self.elapsed_seconds,
         }
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Training time of the current (or last) ``fit``, including the time spent before
+        an interruption it was resumed from."""
+        started = getattr(self, "_fit_started", None)
+        before = getattr(self, "_elapsed_before", 0.0)
+        return before if started is None else before + time.perf_counter() - started
 
     def _restore_training_state(self, state: Any) -> None:
         from .checkpoint import read_training_state
@@ -507,6 +519,7 @@ class Trainer:
         if state["means"] is not None:
             self._means.sums, self._means.weights = dict(state["means"]["sums"]), dict(state["means"]["weights"])
         self._passes.restore(state["data"])
+        self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
         set_rng_state(state["rng"])  # last: restoring the data position draws nothing global
 
     def _eval_loader(self, data: Any, y: Any = None, *, batch_size: int):
@@ -688,15 +701,18 @@ class Distiller(Trainer):
             student_loss = student_out.logits.new_zeros(())
         else:
             student_loss, _ = self.supervised_loss(student_out.logits, batch)
-        distillation_loss = self.distillation_loss(student_out, teacher_out, batch)
+        parts = self.distillation_loss.named_terms(student_out, teacher_out, batch) if isinstance(self.distillation_loss, WeightedSum) else {}
+        distillation_loss = sum(parts.values()) if parts else self.distillation_loss(student_out, teacher_out, batch)
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
-        values = self.check_finite(terms)  # one device sync for both checks
+        if len(parts) > 1:
+            terms.update({f"distillation/{k}": v for k, v in parts.items()})
+        values = self.check_finite(terms)  # one device sync for every check
         if self.distillation_loss.nonnegative:
             check_divergence(self.distillation_loss.name, values["distillation_loss"])
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         # 4. update the student
         self.optimize(loss)
-        logs = {"loss": loss.detach(), "student_loss": student_loss.detach(), "distillation_loss": distillation_loss.detach()}
+        logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         logs.update(self.compute_metrics(student_out.logits.detach(), batch))
         return logs
 

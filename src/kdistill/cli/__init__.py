@@ -8,9 +8,9 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import KDistillError
-from . import classic
+from . import bench, classic, compare, export, report, run, sweep
 
-SUBCOMMANDS = (classic,)
+SUBCOMMANDS = (run, classic, sweep, report, compare, export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,5 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdistill {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"kdistill {args.command}: interrupted; finished stages are kept and reused on the next run", file=sys.stderr)
+        print(f"kdistill {args.command}: interrupted; continue with `kdistill run --resume RUN_DIR` "
+              "(the last checkpoint and finished stages are kept)", file=sys.stderr)
         return 130

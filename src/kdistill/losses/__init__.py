@@ -4,7 +4,7 @@ Built-in names resolve through this module's exports; your own loss is any
 :class:`DistillationLoss` subclass.
 """
 
-from .base import DistillationLoss
+from .base import DistillationLoss, WeightedSum
 from .logits import (
     KDLoss,
     KLDivergence,
@@ -19,6 +19,7 @@ __all__ = [
     "KDLoss",
     "KLDivergence",
     "SoftTargetLoss",
+    "WeightedSum",
     "check_divergence",
     "kd_loss",
     "kl_divergence",

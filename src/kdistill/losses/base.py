@@ -32,3 +32,47 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
+        """The loss as named terms that sum to it (one term unless overridden)."""
+        return {self.name: self(student, teacher, batch)}
+
+
+class WeightedSum(DistillationLoss):
+    """A weighted sum of distillation losses, each logged under its own name.
+
+    ``loss = sum_i w_i * loss_i(student, teacher, batch)``; :meth:`named_terms` returns
+    the weighted terms (``{"KDLoss": ..., "MyLoss": ...}``), which the Distiller logs.
+
+    Args:
+        losses: ``{name: (loss, weight)}``; weights ``>= 0``.
+    """
+
+    def __init__(self, losses: dict[str, tuple[DistillationLoss, float]]):
+        super().__init__()
+        if not losses:
+            raise ValueError("WeightedSum needs at least one loss")
+        for name, (loss, weight) in losses.items():
+            if not isinstance(loss, DistillationLoss):
+                raise TypeError(f"loss '{name}' is a {type(loss).__name__}, not a DistillationLoss")
+            if not weight >= 0:
+                raise ValueError(f"the weight of loss '{name}' must be >= 0, got {weight}")
+        self.parts = nn.ModuleDict({name: loss for name, (loss, _) in losses.items()})
+        self.weights = {name: float(w) for name, (_, w) in losses.items()}
+
+    @property
+    def nonnegative(self) -> bool:  # type: ignore[override]
+        return all(loss.nonnegative for loss in self.parts.values())
+
+    @property
+    def taps(self) -> dict[str, str]:  # type: ignore[override]
+        return {}
+
+    def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
+        return {name: self.weights[name] * loss(student, teacher, batch) for name, loss in self.parts.items()}
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
+        return sum(self.named_terms(student, teacher, batch).values())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}: weight {w}" for k, w in self.weights.items())

@@ -1,0 +1,78 @@
+"""``kdistill export RUN_DIR --format onnx|torchscript [--int8]``: the distilled student
+alone (no teacher, no adapters, no loss modules) in the format it will be deployed in.
+
+The export is checked against PyTorch on held-out test inputs: the largest absolute
+difference of the logits is reported and the command fails above ``--atol``. With
+``--int8`` the exported model is also quantized (ONNX: static, calibrated on training
+samples, so convolutions run in int8 too; TorchScript: dynamic, linear layers only) and
+the accuracy change on the test set is reported. Results go to ``RUN_DIR/export.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the distilled student (ONNX / TorchScript, optional int8) with parity checks",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--format", choices=sorted(SUFFIX), default="onnx")
+    p.add_argument("--int8", action="store_true", help="also write an int8-quantized model and report its accuracy change")
+    p.add_argument("--stage", default="distil", choices=["distil", "scratch", "teacher"], help="which model to export")
+    p.add_argument("--out", default=None, help="output file (default RUN_DIR/student.onnx or student.pt)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch| logit difference")
+    p.add_argument("--samples", type=int, default=1000, help="held-out test samples for the parity check")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiment import load_data, load_stage_model, read_run_config
+    from ..export import check_parity, evaluate_exported, export_onnx, export_torchscript, quantize_int8, require_extra
+
+    # 1. set up: the model and held-out data
+    if args.format == "onnx":
+        require_extra("onnx")
+        require_extra("onnxruntime")
+    run_dir = Path(args.run_dir)
+    config = read_run_config(run_dir)
+    data = load_data(config)
+    model = load_stage_model(run_dir, args.stage, data=data)
+    name = "student" if args.stage == "distil" else args.stage
+    out = Path(args.out) if args.out else run_dir / f"{name}{SUFFIX[args.format]}"
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    held_out = x_test[: args.samples]
+    # 2. export and check parity
+    export = export_onnx if args.format == "onnx" else export_torchscript
+    export(model, held_out[:2], out)
+    parity = check_parity(model, out, held_out, atol=args.atol)
+    with torch.inference_mode():
+        torch_acc = float((model(x_test).argmax(-1) == y_test).float().mean())
+    result = {"stage": args.stage, "format": args.format, "path": str(out), "size_bytes": out.stat().st_size,
+              "parity": parity, "test_accuracy_pytorch": torch_acc,
+              "test_accuracy_exported": evaluate_exported(out, x_test, y_test)}
+    print(f"exported {args.stage} to {out} ({out.stat().st_size:,} bytes); max |exported - PyTorch| = "
+          f"{parity['max_abs_diff']:.2e} on {parity['samples']} test samples (tolerance {args.atol:g}); "
+          f"argmax agreement {100 * parity['argmax_agreement']:.2f}%")
+    # 3. int8: quantize, then the accuracy change on the whole test set
+    if args.int8:
+        int8_path = out.with_name(out.stem + ".int8" + out.suffix)
+        calibration = torch.from_numpy(data.x_train[:512])
+        source = out if args.format == "onnx" else model
+        quantize_int8(source, int8_path, calibration=calibration, example_input=held_out[:2])
+        acc8 = evaluate_exported(int8_path, x_test, y_test)
+        result["int8"] = {"path": str(int8_path), "size_bytes": int8_path.stat().st_size, "test_accuracy": acc8,
+                          "accuracy_change_points": 100 * (acc8 - result["test_accuracy_exported"])}
+        print(f"int8: {int8_path} ({int8_path.stat().st_size:,} bytes, {out.stat().st_size / int8_path.stat().st_size:.1f}x "
+              f"smaller); test accuracy {100 * acc8:.2f}% vs {100 * result['test_accuracy_exported']:.2f}% float "
+              f"({result['int8']['accuracy_change_points']:+.2f} points)")
+    atomic_write_text(run_dir / "export.json", json.dumps(result, indent=1))
+    return 0

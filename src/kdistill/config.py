@@ -1,0 +1,547 @@
+"""Experiment configs: YAML -> validated objects (pydantic), ``_component_`` dotted paths.
+
+One YAML file describes an experiment (data, teacher, student, the stages that train them,
+their optimizers, schedules and losses); :func:`load_config` reads it, applies dotted
+``--set`` overrides and validates everything **before** anything runs: an unknown key, a
+wrong type, a value out of range, a ``_component_`` that does not import, or keyword
+arguments its callable does not take all raise :class:`~kdistill.errors.ConfigError`
+naming the file, the key path and what was expected.
+
+A *component* (a model, a loss, an optimizer, a schedule, an augmentation, a callback) is
+either a built-in name or a user's own callable by dotted path::
+
+    student: {name: classic_student}                  # kdistill.models.MODELS
+    losses:
+      - {name: kd, weight: 1.0}                       # kdistill.losses: KDLoss
+      - {_component_: my_losses.CosineLogits, weight: 0.5, scale: 2.0}
+
+Every other key of a component is a keyword argument of its callable. Built-in loss names
+resolve through ``kdistill.losses.__all__``: a class name (``KDLoss``) or its short form
+(``kd``: lower case, without the ``Loss`` suffix). No registry, no import side effects.
+
+Paths in a config (``data.data_dir``, ``teacher.checkpoint``, ``output_dir``) are relative
+to the working directory the command runs in.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "ComponentSpec",
+    "DataConfig",
+    "ExperimentConfig",
+    "OptimizerSpec",
+    "ScheduleSpec",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+    "resolve_callable",
+    "validate_config",
+]
+
+OPTIMIZERS = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD",
+              "rmsprop": "torch.optim.RMSprop"}
+AUGMENTATIONS = {"random_crop": "kdistill.data.augment.RandomCrop",
+                 "horizontal_flip": "kdistill.data.augment.RandomHorizontalFlip",
+                 "gaussian_noise": "kdistill.data.augment.GaussianNoise"}
+CALLBACKS = {"early_stopping": "kdistill.callbacks.EarlyStopping"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- components
+def resolve_callable(path: str) -> Callable[..., Any]:
+    """Import ``package.module.Name`` and return ``Name``.
+
+    Raises:
+        ValueError: the module or the name does not exist (with what was tried).
+    """
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"a _component_ must be a dotted path like 'my_package.module.Class', got {path!r}")
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"cannot import module '{module_name}' of _component_ '{path}' ({e}); check the spelling "
+            "and that the package is installed or on PYTHONPATH"
+        ) from e
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"module '{module_name}' has no attribute '{attr}'{hint}") from None
+    if not callable(obj):
+        raise ValueError(f"_component_ '{path}' is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], *, provided: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` when ``fn`` does not take one of ``kwargs``.
+
+    Args:
+        provided: arguments the runner passes itself (e.g. ``num_classes`` of a model);
+            the config may not set them.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: cannot check
+        return
+    params = sig.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key in provided:
+            raise ValueError(f"'{key}' is set by kdistill itself and cannot be given here")
+        if not takes_any and key not in params:
+            close = difflib.get_close_matches(key, accepted, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"{getattr(fn, '__qualname__', fn)} takes no argument '{key}'{hint}; it takes: "
+                f"{', '.join(a for a in accepted if a not in ('self', *provided)) or 'nothing'}"
+            )
+
+
+class ComponentSpec(BaseModel):
+    """A built-in ``name`` or a ``_component_`` dotted path, plus keyword arguments.
+
+    The extra keys of the mapping are the keyword arguments.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    component: str | None = Field(default=None, alias="_component_")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ComponentSpec":
+        if (self.name is None) == (self.component is None):
+            raise ValueError("give exactly one of 'name' (a built-in) or '_component_' (a dotted path)")
+        if self.component is not None:
+            resolve_callable(self.component)  # fails at load, not after the teacher trained
+        return self
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        reserved = self.reserved_keys()
+        return {k: v for k, v in (self.model_extra or {}).items() if k not in reserved}
+
+    def reserved_keys(self) -> tuple[str, ...]:
+        return ()
+
+    def label(self) -> str:
+        return self.name if self.name is not None else self.component.rpartition(".")[2]
+
+    def dump(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name} if self.name is not None else {"_component_": self.component}
+        for field in type(self).model_fields:
+            if field not in ("name", "component"):
+                out[field] = getattr(self, field)
+        out.update(self.model_extra or {})
+        return out
+
+
+def _builtin(kind: str, name: str, table: Mapping[str, str]) -> Callable[..., Any]:
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown {kind} '{name}'{hint}: expected one of {sorted(table)}, or a _component_ dotted path")
+    return resolve_callable(table[name])
+
+
+def builtin_losses() -> dict[str, str]:
+    """``{name: dotted path}`` of the losses ``kdistill.losses`` exports: class names and
+    their short forms (``KDLoss`` -> ``kd``)."""
+    from . import losses
+    from .losses.base import DistillationLoss
+
+    table: dict[str, str] = {}
+    for attr in losses.__all__:
+        obj = getattr(losses, attr)
+        if not (inspect.isclass(obj) and issubclass(obj, DistillationLoss)) or obj is DistillationLoss:
+            continue
+        required = [p for n, p in inspect.signature(obj).parameters.items()
+                    if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not required:  # buildable from YAML keyword arguments alone
+            path = f"kdistill.losses.{attr}"
+            table[attr] = path
+            short = attr[:-4] if attr.endswith("Loss") and len(attr) > 4 else attr
+            table.setdefault(short.lower(), path)
+    return table
+
+
+class ModelSpec(ComponentSpec):
+    """A model: a builder of :data:`kdistill.models.MODELS` (``name``) or a ``_component_``
+    callable returning an ``nn.Module``; extra keys are its keyword arguments. The runner
+    passes ``num_classes``, ``in_channels`` and ``input_size`` to built-in builders (and to a
+    ``_component_`` that accepts them). ``checkpoint`` (teacher only): trained weights to
+    load instead of training."""
+
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        fn = self.resolve()
+        provided = ("num_classes", "in_channels", "input_size")
+        check_kwargs(fn, self.kwargs, provided=provided if self.name is not None else ())
+        return self
+
+    def reserved_keys(self) -> tuple[str, ...]:
+        return ("checkpoint",)
+
+    def resolve(self) -> Callable[..., Any]:
+        if self.name is not None:
+            from .models import MODELS
+
+            return _builtin("model", self.name, {k: f"kdistill.models.{v.__module__.rpartition('.')[2]}.{v.__name__}" for k, v in MODELS.items()})
+        return resolve_callable(self.component)
+
+
+class LossSpec(ComponentSpec):
+    """A distillation loss with its weight in the sum of distillation terms."""
+
+    weight: float = Field(default=1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossSpec":
+        check_kwargs(self.resolve(), self.kwargs)
+        return self
+
+    def reserved_keys(self) -> tuple[str, ...]:
+        return ("weight",)
+
+    def resolve(self) -> Callable[..., Any]:
+        return _builtin("loss", self.name, builtin_losses()) if self.name is not None else resolve_callable(self.component)
+
+
+class OptimizerSpec(ComponentSpec):
+    """``{name: adam|adamw|sgd|rmsprop, lr: ..., <kwargs>}`` or a ``_component_`` optimizer class."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimizerSpec":
+        check_kwargs(self.resolve(), self.kwargs, provided=("params",))
+        lr = self.kwargs.get("lr")
+        if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        return self
+
+    def resolve(self) -> Callable[..., Any]:
+        return _builtin("optimizer", self.name, OPTIMIZERS) if self.name is not None else resolve_callable(self.component)
+
+
+class ScheduleSpec(ComponentSpec):
+    """A learning-rate schedule.
+
+    Built-in names: ``constant``; ``cosine`` (cosine decay to ``eta_min`` over the whole
+    stage, stepped every optimizer step, after ``warmup_epochs`` of linear warm-up);
+    ``step`` (``step_size`` epochs, ``gamma``); ``multistep`` (``milestones`` epochs,
+    ``gamma``). Or a ``_component_`` ``torch.optim.lr_scheduler`` class with its kwargs and
+    ``interval: epoch|step``.
+    """
+
+    interval: Literal["epoch", "step"] = "epoch"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleSpec":
+        if self.name is not None:
+            allowed = {"constant": set(), "cosine": {"warmup_epochs", "eta_min"},
+                       "step": {"step_size", "gamma"}, "multistep": {"milestones", "gamma"}}
+            if self.name not in allowed:
+                close = difflib.get_close_matches(self.name, allowed, n=2)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ValueError(f"unknown schedule '{self.name}'{hint}: expected one of {sorted(allowed)} or a _component_")
+            extra = set(self.kwargs) - allowed[self.name]
+            if extra:
+                raise ValueError(f"schedule '{self.name}' takes no {sorted(extra)}; it takes {sorted(allowed[self.name]) or 'nothing'}")
+        else:
+            check_kwargs(self.resolve(), self.kwargs, provided=("optimizer",))
+        return self
+
+    def reserved_keys(self) -> tuple[str, ...]:
+        return ("interval",)
+
+    def resolve(self) -> Callable[..., Any]:
+        return resolve_callable(self.component)
+
+
+class AugmentSpec(ComponentSpec):
+    """A batched tensor augmentation: ``random_crop`` (``padding``), ``horizontal_flip``
+    (``p``), ``gaussian_noise`` (``std``), or a ``_component_`` callable class whose
+    instances map a ``(B, ...)`` batch to a batch."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentSpec":
+        check_kwargs(self.resolve(), self.kwargs)
+        return self
+
+    def resolve(self) -> Callable[..., Any]:
+        return _builtin("augmentation", self.name, AUGMENTATIONS) if self.name is not None else resolve_callable(self.component)
+
+
+class CallbackSpec(ComponentSpec):
+    """A :class:`~kdistill.callbacks.Callback`: ``early_stopping`` or a ``_component_``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "CallbackSpec":
+        check_kwargs(self.resolve(), self.kwargs)
+        return self
+
+    def resolve(self) -> Callable[..., Any]:
+        return _builtin("callback", self.name, CALLBACKS) if self.name is not None else resolve_callable(self.component)
+
+
+# --------------------------------------------------------------------------- sections
+class DataConfig(_Strict):
+    """Where the data comes from and how it is batched."""
+
+    dataset: str | None = Field(default="fashion_mnist", description="fashion_mnist, mnist, kmnist or digits")
+    reader: ComponentSpec | None = Field(
+        default=None, description="_component_ returning a kdistill.data.DatasetSplits (instead of dataset)")
+    data_dir: str | None = None
+    subset: int | None = Field(default=None, ge=1, description="labelled training samples the students see")
+    unlabelled: bool = Field(default=False, description="the rest of the training set joins distillation unlabelled")
+    augment: list[AugmentSpec] = Field(default_factory=list)
+    batch_size: int = Field(default=64, ge=1)
+    eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.reader is not None and self.reader.name is not None:
+            raise ValueError("data.reader takes a _component_ dotted path (a function returning DatasetSplits)")
+        if self.reader is not None:
+            self.__dict__["dataset"] = None  # the reader replaces the built-in dataset
+        if self.dataset is None and self.reader is None:
+            raise ValueError("give data.dataset (a built-in name) or data.reader (a _component_)")
+        if self.unlabelled and self.subset is None:
+            raise ValueError("data.unlabelled needs data.subset: the samples beyond the first `subset` labelled ones are the unlabelled data")
+        return self
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        from .data.datasets import _canonical_name
+
+        return None if value is None else _canonical_name(value)
+
+
+class StageConfig(_Strict):
+    epochs: int = Field(default=1, ge=1)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="adam", lr=1e-3))
+    schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec(name="constant"))
+    batch_size: int | None = Field(default=None, ge=1, description="overrides data.batch_size for this stage")
+
+
+class TeacherStage(StageConfig):
+    temperature: float = Field(default=1.0, gt=0, description="softmax temperature the teacher trains with")
+
+
+class ScratchStage(StageConfig):
+    epochs: int = Field(default=2, ge=1)
+    enabled: bool = True
+    match_steps: bool = Field(
+        default=True, description="with unlabelled data, give the scratch student as many steps as the distilled one")
+
+
+class DistilStage(StageConfig):
+    epochs: int = Field(default=2, ge=1)
+    alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="weight of the hard-label loss")
+    temperature: float = Field(default=4.0, gt=0)
+    temperature_squared: bool = True
+    losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="kd")], min_length=1)
+
+
+class Stages(_Strict):
+    teacher: TeacherStage = Field(default_factory=TeacherStage)
+    scratch: ScratchStage = Field(default_factory=ScratchStage)
+    distil: DistilStage = Field(default_factory=DistilStage)
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int | None = Field(default=None, ge=1, description="mid-epoch resume points, in optimizer steps")
+    every_seconds: float | None = Field(default=60.0, gt=0, description="mid-epoch resume points, in seconds")
+
+
+class ReportConfig(_Strict):
+    latency_batch: int = Field(default=1, ge=1)
+    throughput_batch: int = Field(default=256, ge=1)
+    repeats: int = Field(default=50, ge=3)
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: teacher -> student from scratch -> distilled student -> report."""
+
+    name: str = "experiment"
+    seed: int = Field(default=0, ge=0)
+    output_dir: str | None = Field(default=None, description="run directory (default runs/<name>)")
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:1, mps; default: $KDISTILL_DEVICE or the best available")
+    threads: int | None = Field(default=None, ge=1)
+    teacher_store: str | None = Field(
+        default="auto", description="folder of finished teacher/scratch stages shared by runs; 'auto' = $KDISTILL_CACHE/stages "
+        "(default ~/.cache/kdistill/stages), null = no sharing")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(name="classic_teacher"))
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(name="classic_student"))
+    stages: Stages = Field(default_factory=Stages)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    callbacks: list[CallbackSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExperimentConfig":
+        if self.student.checkpoint is not None:
+            raise ValueError("student.checkpoint is not supported: the students are what the run trains")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir if self.output_dir is not None else Path("runs") / self.name)
+
+
+# --------------------------------------------------------------------------- loading
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML: ``3``, ``0.5``, ``true``,
+    ``[1, 2]``, ``null``); list items by index (``stages.distil.losses.0.weight=0.5``).
+
+    Raises:
+        ConfigError: an override without ``=`` or through a value that is not a mapping/list.
+    """
+    import yaml
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.path=value, e.g. stages.distil.epochs=3")
+        value = yaml.safe_load(text) if text.strip() else None
+        node: Any = out
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: '{where}' is not an index of a list of {len(node)} items")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if not isinstance(node.get(part), (dict, list)):
+                        node[part] = {} if node.get(part) is None else node[part]
+                        if not isinstance(node[part], (dict, list)):
+                            raise ConfigError(f"override {item!r}: '{where}' is {node[part]!r}, not a section with keys")
+                    node = node[part]
+            else:
+                raise ConfigError(f"override {item!r}: cannot go into '{'.'.join(parts[:i])}', which is a value")
+    return out
+
+
+def _format_errors(source: str, error: ValidationError, raw: Mapping[str, Any]) -> str:
+    lines = [f"{source}: invalid experiment config ({error.error_count()} problem(s)):"]
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = loc.rpartition(".")[0]
+            known = _known_keys(parent)
+            close = difflib.get_close_matches(loc.rpartition(".")[2], known, n=2)
+            msg = f"unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "") + (
+                f"; this section takes: {', '.join(known)}" if known else "")
+        got = ""
+        if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], (dict, list)):
+            got = f" (got {e['input']!r})"
+        lines.append(f"  {loc or '<top level>'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _known_keys(dotted: str) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in [p for p in dotted.split(".") if p]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def validate_config(raw: Mapping[str, Any], *, source: str = "<config>") -> ExperimentConfig:
+    """Validate a config mapping; raises :class:`ConfigError` with every problem found."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: an experiment config is a mapping of sections (data, teacher, ...), got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(dict(raw))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e, raw)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key.path=value`` overrides, and validate it.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, or an invalid config (every problem
+            listed with its key path).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}; the shipped ones are under configs/ (e.g. configs/fashion_mnist/kd/classic_cnn.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: an experiment config is a mapping of sections (data, teacher, ...), got {type(raw).__name__}")
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return validate_config(apply_overrides(raw, overrides), source=source)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (every default filled in), as saved in a run directory."""
+    import yaml
+
+    return yaml.safe_dump(config_dict(config), sort_keys=False)
+
+
+def config_dict(config: BaseModel) -> dict[str, Any]:
+    """A config as plain data, components in their YAML form."""
+    out: dict[str, Any] = {}
+    for name in type(config).model_fields:
+        out[name] = _plain(getattr(config, name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ComponentSpec):
+        return value.dump()
+    if isinstance(value, BaseModel):
+        return config_dict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,559 @@
+"""The experiment runner behind ``kdistill run``: a validated config -> a run directory.
+
+A run trains, in order, the **teacher** (or loads ``teacher.checkpoint``), the student
+**from scratch** (the baseline; ``stages.scratch.enabled: false`` skips it) and the
+**distilled** student, then measures all three and writes the report::
+
+    RUN_DIR/
+      config.yaml             the resolved config (every default filled in)
+      run.json                status (running / finished), config fingerprint, times
+      stages/<stage>/         teacher, scratch, distil
+        checkpoint.pt           final weights (kdistill checkpoint)
+        last.pt                 resumable training state, rewritten atomically during
+                                training (model, adapters, optimizer, scheduler, RNG
+                                states, epoch, step, data position, history)
+        history.jsonl           one JSON object per epoch (train and val_ terms)
+        stage.json, done.json   fingerprint of the stage; done.json marks it finished
+      metrics.json            every number of the report, and the machine
+      figures/*.png           learning curves, confusion matrix, accuracy per epoch
+      report.md, report.html  the report (HTML self-contained)
+      student.onnx, ...       written by ``kdistill export``
+
+Nothing is lost on a crash: every file is written atomically; a run killed at any moment
+(SIGKILL included) continues from its last training state with ``kdistill run --resume
+RUN_DIR`` and ends with the same metrics as an uninterrupted run with the same seed (on
+the CPU with the same thread count: bit for bit).
+
+Finished teacher and scratch stages are also published to a *stage store*
+(``teacher_store``, default ``~/.cache/kdistill/stages``): any later run whose stage has
+the same fingerprint (same config of that stage, same data, same seed) copies it instead
+of training again, and says so. That is what makes sweeps and method comparisons cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .bench import benchmark_model
+from .callbacks import Callback, JSONLogger, TrainingCheckpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_training_state, save_checkpoint
+from .config import ExperimentConfig, config_dict, dump_config, load_config
+from .data import load_dataset, split_labelled
+from .data.augment import Compose
+from .data.datasets import DatasetSplits
+from .distiller import Distiller, Trainer
+from .errors import ConfigError, RunDirectoryError
+from .losses.base import DistillationLoss, WeightedSum
+from .runtime import get_device, machine_description, seed_everything, set_threads
+
+STAGES = ("teacher", "scratch", "distil")
+#: How stages are named in reports.
+LABELS = {"teacher": "teacher", "scratch": "scratch", "distil": "distilled"}
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-serialisable parts (keys sorted)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(data: DatasetSplits) -> str:
+    """Hash of the arrays themselves: two runs share a stage only on the same data."""
+    h = hashlib.sha256(data.name.encode())
+    for arr in (data.x_train, data.y_train, data.x_test, data.y_test):
+        a = np.ascontiguousarray(arr)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def config_fingerprint(config: ExperimentConfig) -> str:
+    """What makes two runs the same experiment (not where they run or how often they save)."""
+    d = config_dict(config)
+    for key in ("output_dir", "device", "threads", "teacher_store", "checkpoint", "name"):
+        d.pop(key, None)
+    return fingerprint(d)
+
+
+def default_store() -> Path:
+    base = os.environ.get("KDISTILL_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "kdistill") / "stages"
+
+
+# --------------------------------------------------------------------------- building
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_model(spec, data: DatasetSplits) -> nn.Module:
+    """A model from its spec; built-ins get the data's classes, channels and input size."""
+    from .models import build_model as build_named
+
+    shape = data.input_shape
+    size = {"num_classes": data.num_classes, "in_channels": shape[0], "input_size": shape[-1]}
+    if spec.name is not None:
+        return build_named(spec.name, **size, **spec.kwargs)
+    fn = spec.resolve()
+    model = fn(**{k: v for k, v in size.items() if _takes(fn, k)}, **spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"_component_ {spec.component} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_optimizer(spec, params) -> torch.optim.Optimizer:
+    return spec.resolve()(params, **spec.kwargs)
+
+
+def build_schedule(spec, epochs: int, steps_per_epoch: int):
+    """``(factory(optimizer) -> scheduler or None, interval)``."""
+    interval = spec.interval
+    if spec.component is not None:
+        cls = spec.resolve()
+        return (lambda opt: cls(opt, **spec.kwargs)), interval
+    kw = spec.kwargs
+    sched = torch.optim.lr_scheduler
+    if spec.name == "constant":
+        return None, "epoch"
+    if spec.name == "step":
+        return (lambda opt: sched.StepLR(opt, step_size=kw.get("step_size", 30), gamma=kw.get("gamma", 0.1))), "epoch"
+    if spec.name == "multistep":
+        return (lambda opt: sched.MultiStepLR(opt, milestones=kw.get("milestones", [epochs // 2]), gamma=kw.get("gamma", 0.1))), "epoch"
+    # cosine over every optimizer step of the stage, after an optional linear warm-up
+    total = epochs * steps_per_epoch
+    warm = int(round(kw.get("warmup_epochs", 0) * steps_per_epoch))
+
+    def cosine(opt):
+        decay = sched.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=kw.get("eta_min", 0.0))
+        if warm <= 0:
+            return decay
+        return sched.SequentialLR(opt, [sched.LinearLR(opt, start_factor=1e-3, total_iters=warm), decay], milestones=[warm])
+
+    return cosine, "step"
+
+
+def build_losses(stage) -> DistillationLoss:
+    """The distil stage's losses; each one that takes a ``temperature`` (or
+    ``temperature_squared``) and does not set it gets the stage's."""
+    built: dict[str, tuple[DistillationLoss, float]] = {}
+    for spec in stage.losses:
+        cls = spec.resolve()
+        kwargs = dict(spec.kwargs)
+        for key in ("temperature", "temperature_squared"):
+            if key not in kwargs and _takes(cls, key):
+                kwargs[key] = getattr(stage, key)
+        loss = cls(**kwargs)
+        if not isinstance(loss, DistillationLoss):
+            raise ConfigError(
+                f"loss {spec.label()} built a {type(loss).__name__}, not a kdistill.losses.DistillationLoss "
+                "(forward(student: Outputs, teacher: Outputs, batch: Batch) -> Tensor)")
+        name = spec.label()
+        while name in built:
+            name += "_"
+        built[name] = (loss, spec.weight)
+    if len(built) == 1:
+        (loss, weight), = built.values()
+        if weight == 1.0:
+            return loss
+    return WeightedSum(built)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class _Context:
+    config: ExperimentConfig
+    run_dir: Path
+    store: Path | None
+    device: torch.device
+    data: DatasetSplits
+    data_fp: str
+    verbose: int
+    log: Callable[[str], None]
+
+
+def _copy_stage(src: Path, dst: Path) -> None:
+    """Copy a finished stage's files, ``done.json`` last (it marks the copy complete)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint.pt", "history.jsonl", "stage.json", "done.json"):
+        if (src / name).is_file():
+            tmp = dst / f".{name}.copy"
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
+
+
+def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer: Callable[[], Trainer],
+               fit: Callable[[Trainer, list, Any], Any], *, share: bool) -> dict:
+    """Train one stage into ``stages/<name>``, or reuse/resume it.
+
+    Order of preference: this run's finished stage with the same fingerprint; the same
+    stage finished by another run (stage store); this run's interrupted stage (resumed from
+    ``last.pt``); training from the start.
+    """
+    sdir = ctx.run_dir / "stages" / name
+    done_path = sdir / "done.json"
+    # 1. finished here already
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        if done.get("fingerprint") == fp:
+            try:
+                load_checkpoint(sdir / "checkpoint.pt", model)
+                ctx.log(f"[{name}] finished earlier in this run directory: reusing it")
+                return {**done, "reused": done.get("reused") or "this run"}
+            except CheckpointError as e:
+                ctx.log(f"[{name}] cannot reuse the finished stage ({e}); training again")
+        done_path.unlink()
+    # 2. finished by another run (same stage config, data and seed)
+    if share and ctx.store is not None:
+        stored = ctx.store / f"{name}-{fp}"
+        if (stored / "done.json").is_file():
+            try:
+                load_checkpoint(stored / "checkpoint.pt", model)
+                _copy_stage(stored, sdir)
+                done = json.loads((sdir / "done.json").read_text())
+                origin = done.get("run_dir", "another run")
+                ctx.log(f"[{name}] reusing the {name} trained by {origin} (same stage config, data and seed; "
+                        f"fingerprint {fp}): no training")
+                return {**done, "reused": str(origin)}
+            except (CheckpointError, OSError, json.JSONDecodeError) as e:
+                ctx.log(f"[{name}] the stored stage {stored} is unusable ({e}); training")
+    # 3. interrupted here: resume from the last training state
+    sdir.mkdir(parents=True, exist_ok=True)
+    last = sdir / "last.pt"
+    stage_json = sdir / "stage.json"
+    resume_from = None
+    if last.is_file():
+        same = stage_json.is_file() and json.loads(stage_json.read_text()).get("fingerprint") == fp
+        if same:
+            try:
+                state = read_training_state(last)
+                resume_from = state
+                ctx.log(f"[{name}] resuming from epoch {state['epoch'] + 1}, step {state['step_in_epoch']} "
+                        f"(global step {state['global_step']})")
+            except CheckpointError as e:
+                ctx.log(f"[{name}] cannot resume ({e}); training from the start")
+        if resume_from is None:
+            last.unlink()
+    atomic_write_text(stage_json, json.dumps({"fingerprint": fp, "stage": name}))
+    # 4. train
+    if resume_from is None:
+        ctx.log(f"[{name}] training")
+    trainer = make_trainer()
+    cfg = ctx.config
+    callbacks: list[Callback] = [
+        TrainingCheckpoint(last, every_steps=cfg.checkpoint.every_steps, every_seconds=cfg.checkpoint.every_seconds),
+        JSONLogger(sdir / "history.jsonl"),
+        *[spec.resolve()(**spec.kwargs) for spec in cfg.callbacks],
+    ]
+    history = fit(trainer, callbacks, resume_from)
+    save_checkpoint(sdir / "checkpoint.pt", model, epoch=len(history.epoch) - 1)
+    done = {"fingerprint": fp, "stage": name, "seconds": trainer.elapsed_seconds, "history": history.to_dict(),
+            "run_dir": str(ctx.run_dir), "kdistill_version": __version__}
+    atomic_write_text(done_path, json.dumps(done))
+    # 5. publish for other runs (best effort: a read-only cache must not fail the run)
+    if share and ctx.store is not None:
+        try:
+            stored = ctx.store / f"{name}-{fp}"
+            if not (stored / "done.json").is_file():
+                _copy_stage(sdir, stored)
+        except OSError as e:
+            ctx.log(f"[{name}] could not publish to the stage store {ctx.store}: {e}")
+    return {**done, "reused": False}
+
+
+def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, log: Callable[[str], None]) -> str:
+    """Decide what to do with ``run_dir``; returns ``"new"``, ``"continue"`` or ``"finished"``.
+
+    Raises:
+        RunDirectoryError: the directory holds another run (without ``force``), or is a
+            non-empty folder that is not a run directory.
+    """
+    cfp = config_fingerprint(config)
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        info = json.loads(run_json.read_text())
+        same = info.get("config_fingerprint") == cfp
+        if force:
+            log(f"--force: discarding the earlier run in {run_dir}")
+            for item in ("stages", "figures"):
+                shutil.rmtree(run_dir / item, ignore_errors=True)
+            for item in ("metrics.json", "report.md", "report.html", "run.json", "config.yaml"):
+                (run_dir / item).unlink(missing_ok=True)
+            return "new"
+        if same and info.get("status") == "finished":
+            return "finished"
+        if same:
+            log(f"{run_dir} holds an unfinished run of this config: continuing it")
+            return "continue"
+        state = "a finished" if info.get("status") == "finished" else "an unfinished"
+        raise RunDirectoryError(
+            f"{run_dir} already holds {state} run of a different config; nothing was overwritten. "
+            f"Use another output directory (--out or output_dir), continue that run with "
+            f"`kdistill run --resume {run_dir}`, or replace it with --force."
+        )
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirectoryError(
+            f"{run_dir} is not empty and is not a kdistill run directory (no run.json); "
+            "choose an empty or new output directory"
+        )
+    return "new"
+
+
+def _write_run_json(run_dir: Path, config: ExperimentConfig, status: str, started: float) -> None:
+    atomic_write_text(run_dir / "run.json", json.dumps({
+        "status": status, "config_fingerprint": config_fingerprint(config), "name": config.name,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kdistill_version": __version__,
+    }, indent=1))
+
+
+def load_data(config: ExperimentConfig) -> DatasetSplits:
+    d = config.data
+    if d.reader is not None:
+        data = d.reader.resolve()(**d.reader.kwargs)
+        if not isinstance(data, DatasetSplits):
+            raise ConfigError(f"data.reader {d.reader.component} returned {type(data).__name__}, not kdistill.data.DatasetSplits")
+        return data
+    return load_dataset(d.dataset, d.data_dir)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    run_dir: str | Path | None = None,
+    force: bool = False,
+    verbose: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or continue) an experiment; returns what ``metrics.json`` holds.
+
+    Args:
+        config: the validated experiment.
+        run_dir: where to write (default ``config.output_dir`` or ``runs/<name>``).
+        force: replace a run directory that holds a different or finished run.
+        verbose: 0 silent, 1 progress bars, 2 one line per epoch.
+        log: where progress messages go.
+
+    Raises:
+        RunDirectoryError: ``run_dir`` holds a different run and ``force`` is not set.
+    """
+    # 1. set up: run directory, threads, device, data
+    run_dir = Path(run_dir) if run_dir is not None else config.run_dir()
+    state = _prepare_run_dir(config, run_dir, force=force, log=log)
+    if state == "finished":
+        log(f"{run_dir} already holds this finished run; nothing to do (report: {run_dir / 'report.md'}; "
+            "--force trains it again)")
+        return json.loads((run_dir / "metrics.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    _write_run_json(run_dir, config, "running", started)
+    set_threads(config.threads)
+    device = get_device(config.device)
+    data = load_data(config)
+    store = None
+    if config.teacher_store is not None:
+        store = default_store() if config.teacher_store == "auto" else Path(config.teacher_store).expanduser()
+    ctx = _Context(config, run_dir, store, device, data, data_fingerprint(data), verbose, log)
+    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    d = config.data
+    if d.subset is not None:
+        xl, yl, xr, _ = split_labelled(data.x_train, data.y_train, d.subset, seed=config.seed)
+        x_lab, y_lab = torch.from_numpy(xl), torch.from_numpy(yl)
+        x_unl = torch.from_numpy(xr) if d.unlabelled else None
+    else:
+        x_lab, y_lab, x_unl = x_train, y_train, None
+    augment = Compose([spec.resolve()(**spec.kwargs) for spec in d.augment]) if d.augment else None
+    log(f"data: {data.name}, {len(x_lab)} labelled training samples"
+        + (f" + {len(x_unl)} unlabelled" if x_unl is not None else "") + f", {len(x_test)} test samples; device {device}")
+    common = dict(validation_data=(x_test, y_test), verbose=verbose, seed=config.seed, augment=augment)
+    aug_id = [s.dump() for s in d.augment]
+    stages = config.stages
+
+    def build(spec) -> nn.Module:
+        seed_everything(config.seed)  # scratch and distilled students start from the same weights
+        return build_model(spec, data)
+
+    def steps(n_samples: int, batch: int) -> int:
+        return -(-n_samples // batch)
+
+    # 2. the teacher: loaded, or trained on the full training set
+    teacher = build(config.teacher)
+    results: dict[str, dict] = {}
+    if config.teacher.checkpoint is not None:
+        path = Path(config.teacher.checkpoint)
+        load_checkpoint(path, teacher)
+        log(f"[teacher] loaded from {path}")
+        t_fp = fingerprint("checkpoint", hashlib.sha256(path.read_bytes()).hexdigest())
+        results["teacher"] = {"fingerprint": t_fp, "seconds": 0.0, "history": None, "reused": str(path)}
+    else:
+        ts = stages.teacher
+        t_batch = ts.batch_size or d.batch_size
+        t_fp = fingerprint("teacher", ctx.data_fp, config.teacher.dump(), config_dict(ts), t_batch, aug_id, config.seed)
+
+        def teacher_trainer() -> Trainer:
+            sched, interval = build_schedule(ts.schedule, ts.epochs, steps(len(x_train), t_batch))
+            t = Trainer(teacher, device=device)
+            return t.compile(build_optimizer(ts.optimizer, teacher.parameters()), metrics=["accuracy"],
+                             temperature=ts.temperature, scheduler=sched, scheduler_interval=interval)
+
+        results["teacher"] = _run_stage(
+            ctx, "teacher", t_fp, teacher, teacher_trainer,
+            lambda tr, cbs, resume: tr.fit(x_train, y_train, epochs=ts.epochs, batch_size=t_batch, callbacks=cbs,
+                                           resume_from=resume, **common), share=True)
+
+    # 3. the student from scratch, on the labelled data
+    student_id = (ctx.data_fp, config.student.dump(), d.subset, aug_id, config.seed)
+    ds = stages.distil
+    d_batch = ds.batch_size or d.batch_size
+    d_steps = steps(len(x_lab) + (0 if x_unl is None else len(x_unl)), d_batch)
+    scratch = None
+    if stages.scratch.enabled:
+        ss = stages.scratch
+        s_batch = ss.batch_size or d.batch_size
+        # with unlabelled data the distilled student takes more steps per epoch; give the
+        # scratch student as many (cycling its labelled samples), so neither is short of optimisation
+        s_steps = d_steps if (x_unl is not None and ss.match_steps) else None
+        s_fp = fingerprint("scratch", student_id, config_dict(ss), s_batch, s_steps)
+        scratch = build(config.student)
+
+        def scratch_trainer() -> Trainer:
+            sched, interval = build_schedule(ss.schedule, ss.epochs, s_steps or steps(len(x_lab), s_batch))
+            t = Trainer(scratch, device=device)
+            return t.compile(build_optimizer(ss.optimizer, scratch.parameters()), metrics=["accuracy"],
+                             scheduler=sched, scheduler_interval=interval)
+
+        results["scratch"] = _run_stage(
+            ctx, "scratch", s_fp, scratch, scratch_trainer,
+            lambda tr, cbs, resume: tr.fit(x_lab, y_lab, epochs=ss.epochs, batch_size=s_batch, steps_per_epoch=s_steps,
+                                           callbacks=cbs, resume_from=resume, **common), share=True)
+
+    # 4. the same student distilled from the teacher
+    distilled = build(config.student)
+    d_fp = fingerprint("distil", student_id, config_dict(ds), d_batch, d.unlabelled, t_fp)
+
+    def distil_trainer() -> Trainer:
+        loss = build_losses(ds)
+        sched, interval = build_schedule(ds.schedule, ds.epochs, d_steps)
+        dist = Distiller(student=distilled, teacher=teacher, device=device)
+        params = list(distilled.parameters()) + [p for p in loss.parameters() if p.requires_grad]
+        return dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
+                            alpha=ds.alpha, temperature=ds.temperature, scheduler=sched, scheduler_interval=interval)
+
+    results["distil"] = _run_stage(
+        ctx, "distil", d_fp, distilled, distil_trainer,
+        lambda tr, cbs, resume: tr.fit(x_lab, y_lab, unlabelled=x_unl, epochs=ds.epochs, batch_size=d_batch,
+                                       callbacks=cbs, resume_from=resume, **common), share=False)
+
+    # 5. measure, report, mark finished
+    log("measuring accuracy, agreement, size and speed")
+    models = {"teacher": teacher, **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
+    metrics = _measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_run_report(run_dir, metrics)
+    _write_run_json(run_dir, config, "finished", started)
+    return metrics
+
+
+def _predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    return Trainer(model, device=device).predict(x, batch_size=batch_size).argmax(-1)
+
+
+def _measure(ctx: _Context, models: dict[str, nn.Module], results: dict[str, dict], x_test, y_test, x_lab, x_unl) -> dict:
+    cfg, data = ctx.config, ctx.data
+    preds = {name: _predict(m, x_test, ctx.device, cfg.data.eval_batch_size) for name, m in models.items()}
+    out: dict[str, dict] = {}
+    for name, model in models.items():
+        model.cpu()  # latency and throughput are the CPU's, whatever trained the model
+        out[name] = {
+            "test_accuracy": float((preds[name] == y_test).float().mean()),
+            **benchmark_model(model, data.input_shape, latency_batch=cfg.report.latency_batch,
+                              throughput_batch=cfg.report.throughput_batch, repeats=cfg.report.repeats),
+            "train_seconds": results[name]["seconds"],
+            "reused": results[name]["reused"],
+        }
+    acc = {k: v["test_accuracy"] for k, v in out.items()}
+    gain = recovered = None
+    if "scratch" in acc:
+        gain = 100 * (acc["distil"] - acc["scratch"])
+        gap = acc["teacher"] - acc["scratch"]
+        recovered = (acc["distil"] - acc["scratch"]) / gap if abs(gap) > 1e-12 else None
+    n = data.num_classes
+    confusion = torch.bincount(y_test * n + preds["distil"], minlength=n * n).reshape(n, n)
+    return {
+        "kdistill_version": __version__,
+        "name": cfg.name,
+        "config": config_dict(cfg),
+        "dataset": {"name": data.name, "train": len(data.x_train), "labelled": len(x_lab),
+                    "unlabelled": 0 if x_unl is None else len(x_unl), "test": len(x_test),
+                    "num_classes": n, "class_names": list(data.classes) or None, "input_shape": list(data.input_shape)},
+        "stages": list(models),
+        "models": out,
+        "distillation_gain_points": gain,
+        "accuracy_recovered": recovered,
+        "agreement": {k: float((preds[k] == preds["teacher"]).float().mean()) for k in models if k != "teacher"},
+        "confusion_matrix": confusion.tolist(),
+        "histories": {k: r["history"] for k, r in results.items() if r.get("history")},
+        "fingerprints": {k: r["fingerprint"] for k, r in results.items()},
+        "machine": machine_description(),
+    }
+
+
+def write_run_report(run_dir: Path, metrics: dict) -> dict[str, Path]:
+    """``report.md`` and ``report.html`` (with figures) of a run from its metrics."""
+    from .report.html import write_report
+
+    return write_report(run_dir, metrics)
+
+
+# --------------------------------------------------------------------------- reading runs
+def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config a run directory was made with.
+
+    Raises:
+        RunDirectoryError: the folder is not a kdistill run directory.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirectoryError(
+            f"{run_dir} is not a kdistill run directory (no config.yaml); give the folder "
+            "`kdistill run` wrote (its output_dir or --out)")
+    return load_config(run_dir / "config.yaml")
+
+
+def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSplits | None = None) -> nn.Module:
+    """Rebuild a stage's model from a run directory and load its final weights (CPU, eval).
+
+    Raises:
+        RunDirectoryError: no such run or the stage did not finish.
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    ckpt = run_dir / "stages" / stage / "checkpoint.pt"
+    if not (run_dir / "stages" / stage / "done.json").is_file() and not (stage == "teacher" and config.teacher.checkpoint):
+        raise RunDirectoryError(f"stage '{stage}' of {run_dir} has not finished (no done.json); finish the run first "
+                                f"(`kdistill run --resume {run_dir}`)")
+    data = data if data is not None else load_data(config)
+    spec = config.teacher if stage == "teacher" else config.student
+    model = build_model(spec, data)
+    if stage == "teacher" and config.teacher.checkpoint and not ckpt.is_file():
+        ckpt = Path(config.teacher.checkpoint)
+    load_checkpoint(ckpt, model)
+    return model.cpu().eval()
