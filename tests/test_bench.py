@@ -58,3 +58,76 @@ def test_parameterless_model():
 def test_repeats_must_be_positive():
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         latency(nn.Linear(2, 2), (2,), repeats=0)
+
+
+# ---------------------------------------------------------------------------------- exported files
+
+import importlib.util  # noqa: E402
+
+from kdistill.errors import ModelInputError  # noqa: E402
+
+needs_onnx = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime")),
+    reason='needs the export extra: pip install "kdistill[export]"',
+)
+BENCH_KEYS = {"parameters", "size_bytes", "latency_ms", "latency_p90_ms", "latency_batch",
+              "throughput", "throughput_batch"}
+
+
+@needs_onnx
+def test_benchmark_onnx_float_and_int8(tmp_path):
+    from kdistill.bench import benchmark_onnx, count_onnx_parameters
+    from kdistill.export import export_onnx, quantize_int8
+
+    torch.manual_seed(0)
+    model = build_model("classic_student", input_size=8)
+    x = torch.randn(64, 1, 8, 8)
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx", dynamo=False)
+    out = benchmark_onnx(path, (1, 8, 8), throughput_batch=8, repeats=5)
+    assert set(out) == BENCH_KEYS
+    assert out["size_bytes"] == path.stat().st_size
+    assert out["parameters"] == count_parameters(model)
+    assert 0 < out["latency_ms"] <= out["latency_p90_ms"] and math.isfinite(out["latency_p90_ms"])
+    assert out["throughput"] > 0 and math.isfinite(out["throughput"])
+    assert out["latency_batch"] == 1 and out["throughput_batch"] == 8
+    q = quantize_int8(path, calibration=x)  # int8 weights count as parameters, scales do not
+    assert count_onnx_parameters(q) == count_parameters(model)
+    out_q = benchmark_onnx(q, (1, 8, 8), throughput_batch=8, repeats=3)
+    assert out_q["size_bytes"] == q.stat().st_size < out["size_bytes"]
+
+
+@needs_onnx
+def test_benchmark_onnx_errors(tmp_path):
+    from kdistill.bench import benchmark_onnx
+    from kdistill.export import export_onnx
+
+    model = build_model("mlp", in_features=8, hidden=(4,), num_classes=3)
+    path = export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx", dynamo=False)
+    with pytest.raises(ModelInputError, match=r"m\.onnx expects inputs of shape \(B, 8\), got input_shape=\(9,\)"):
+        benchmark_onnx(path, (9,), repeats=1)
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        benchmark_onnx(path, (8,), repeats=0)
+    with pytest.raises(ValueError, match="throughput_batch must be a positive int, got 0"):
+        benchmark_onnx(path, (8,), throughput_batch=0, repeats=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        benchmark_onnx(tmp_path / "missing.onnx", (8,))
+    with pytest.raises(ValueError, match="use benchmark_torchscript"):
+        benchmark_onnx(tmp_path / "m.pt", (8,))
+
+
+def test_benchmark_torchscript_float_and_int8(tmp_path):
+    from kdistill.bench import benchmark_torchscript
+    from kdistill.export import export_torchscript, quantize_int8
+
+    model = build_model("mlp", in_features=8, hidden=(32,), num_classes=3)
+    x = torch.randn(4, 8)
+    path = export_torchscript(model, x, tmp_path / "m.pt")
+    out = benchmark_torchscript(path, (8,), throughput_batch=8, repeats=5)
+    assert set(out) == BENCH_KEYS
+    assert out["size_bytes"] == path.stat().st_size
+    assert out["parameters"] == count_parameters(model)
+    assert 0 < out["latency_ms"] <= out["latency_p90_ms"] and out["throughput"] > 0
+    q = quantize_int8(model, tmp_path / "m.int8.pt", example_input=x)  # packed int8 weights are counted
+    assert benchmark_torchscript(q, (8,), throughput_batch=8, repeats=2)["parameters"] == count_parameters(model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        benchmark_torchscript(tmp_path / "missing.pt", (8,))

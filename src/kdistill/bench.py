@@ -1,18 +1,24 @@
 """What a model costs to deploy: parameters, size on disk, latency, throughput.
 
 Latency and throughput are medians over repeats after warm-up, in eval mode under
-``torch.inference_mode()``, with the current thread count.
+``torch.inference_mode()``, with the current thread count. Exported files (ONNX run by
+onnxruntime on the CPU, TorchScript) are measured the same way by :func:`benchmark_onnx`
+and :func:`benchmark_torchscript`, with PyTorch's thread count.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from .errors import ModelInputError
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -92,3 +98,215 @@ def benchmark_model(
         "throughput": throughput(model, input_shape, batch_size=throughput_batch, repeats=max(3, repeats // 5)),
         "throughput_batch": throughput_batch,
     }
+
+
+# --------------------------------------------------------------------------------------
+# exported files
+# --------------------------------------------------------------------------------------
+
+
+def _time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``fn`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _bench_callable(
+    run: Callable[[object], object],
+    make_input: Callable[[int], object],
+    *,
+    latency_batch: int,
+    throughput_batch: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Latency (median and p90, ms) at ``latency_batch``, throughput at ``throughput_batch``."""
+    for name, value in (("latency_batch", latency_batch), ("throughput_batch", throughput_batch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    x = make_input(latency_batch)
+    times = sorted(_time_calls(lambda: run(x), warmup=10, repeats=repeats))
+    xb = make_input(throughput_batch)
+    tp_times = _time_calls(lambda: run(xb), warmup=2, repeats=max(3, repeats // 5))
+    return {
+        "latency_ms": 1e3 * statistics.median(times),
+        "latency_p90_ms": 1e3 * times[min(len(times) - 1, int(0.9 * len(times)))],
+        "latency_batch": latency_batch,
+        "throughput": throughput_batch / statistics.median(tp_times),
+        "throughput_batch": throughput_batch,
+    }
+
+
+def _file_size(path: Path) -> int:
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {str(path)!r} does not exist; export one first")
+    return path.stat().st_size
+
+
+def count_onnx_parameters(path: str | os.PathLike) -> int:
+    """Number of weights in an ONNX file, counted from its initializers.
+
+    Counts float initializers and the quantized weights and biases of an int8 file (the
+    data input of ``DequantizeLinear``, the weight of ``MatMulInteger``/``ConvInteger``),
+    but not quantization scales and zero points, integer constants such as shapes, nor
+    0-d float constants (a padding value, an epsilon), so a float export and its static
+    int8 version count the same. (A 0-d learnable parameter would be missed.)
+    """
+    from .export import require_extra
+
+    onnx = require_extra("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    # quantization parameters: inputs 1 and 2 (scale, zero point) of (De)QuantizeLinear,
+    # zero points of the integer ops
+    qparams: set[str] = set()
+    quantized: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qparams.update(node.input[1:3])
+            if node.op_type == "DequantizeLinear":
+                quantized.add(node.input[0])
+        elif node.op_type in ("MatMulInteger", "ConvInteger"):
+            qparams.update(node.input[2:4])
+            quantized.add(node.input[1])
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    total = 0
+    for init in graph.initializer:
+        if init.name in qparams:
+            continue
+        if init.name in quantized or (init.data_type in float_types and len(init.dims) > 0):
+            n = 1
+            for d in init.dims:
+                n *= d
+            total += n
+    return total
+
+
+def benchmark_onnx(
+    path: str | os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    latency_batch: int = 1,
+    throughput_batch: int = 256,
+    repeats: int = 50,
+) -> dict[str, float]:
+    """:func:`benchmark_model` for an ONNX file, run by onnxruntime on the CPU.
+
+    The session uses PyTorch's intra-op thread count (``torch.get_num_threads()``), so the
+    numbers compare with :func:`benchmark_model`'s on the same machine.
+
+    Args:
+        path: the ``.onnx`` file.
+        input_shape: the per-sample input shape, e.g. ``(1, 28, 28)``; batches are
+            ``(batch, *input_shape)`` float32.
+        latency_batch: batch size of the latency measurement.
+        throughput_batch: batch size of the throughput measurement.
+        repeats: timed latency runs (throughput: ``max(3, repeats // 5)``).
+
+    Returns:
+        ``{"parameters"`` (from the initializers, see :func:`count_onnx_parameters`),
+        ``"size_bytes"`` (the file's size), ``"latency_ms"`` (median), ``"latency_p90_ms"``,
+        ``"latency_batch"``, ``"throughput"`` (samples/s), ``"throughput_batch"}``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MissingExtraError: ``onnx``/``onnxruntime`` are not installed.
+        ValueError: ``repeats`` or a batch size is not positive.
+    """
+    import numpy as np
+
+    from .export import _ort_session, export_format
+
+    path = Path(path)
+    if export_format(path) != "onnx":
+        raise ValueError(f"benchmark_onnx needs an .onnx file, got {str(path)!r}; use benchmark_torchscript()")
+    size = _file_size(path)
+    session = _ort_session(path, torch.get_num_threads())
+    name = session.get_inputs()[0].name
+    shape = tuple(int(d) for d in input_shape)
+    expected = session.get_inputs()[0].shape[1:]
+    if all(isinstance(d, int) for d in expected) and tuple(expected) != shape:
+        raise ModelInputError(
+            f"{path.name} expects inputs of shape (B, {', '.join(map(str, expected))}), "
+            f"got input_shape={shape}"
+        )
+    rng = np.random.default_rng(0)
+    timings = _bench_callable(
+        lambda feed: session.run(None, feed),
+        lambda b: {name: rng.standard_normal((b, *shape), dtype=np.float32)},
+        latency_batch=latency_batch,
+        throughput_batch=throughput_batch,
+        repeats=repeats,
+    )
+    return {"parameters": count_onnx_parameters(path), "size_bytes": size, **timings}
+
+
+def _count_script_parameters(module: torch.jit.ScriptModule) -> int:
+    """Parameters of a TorchScript module, the packed weights of dynamically quantized
+    ``nn.Linear`` layers included (they are not ``parameters()``)."""
+    total = sum(p.numel() for p in module.parameters())
+    for sub in module.modules():
+        packed = getattr(sub, "_packed_params", None)
+        if isinstance(packed, torch.ScriptObject):
+            try:
+                weight, bias = torch.ops.quantized.linear_unpack(packed)
+            except RuntimeError:  # another kind of packed parameters: not counted
+                continue
+            total += weight.numel() + (bias.numel() if bias is not None else 0)
+    return total
+
+
+def benchmark_torchscript(
+    path: str | os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    latency_batch: int = 1,
+    throughput_batch: int = 256,
+    repeats: int = 50,
+) -> dict[str, float]:
+    """:func:`benchmark_model` for a TorchScript file, loaded onto the CPU.
+
+    Args:
+        path: the TorchScript file (``.pt``, ``.ts``, ...).
+        input_shape: the per-sample input shape; batches are ``(batch, *input_shape)``.
+        latency_batch: batch size of the latency measurement.
+        throughput_batch: batch size of the throughput measurement.
+        repeats: timed latency runs (throughput: ``max(3, repeats // 5)``).
+
+    Returns:
+        The keys of :func:`benchmark_model`; ``"size_bytes"`` is the file's size and
+        ``"parameters"`` counts the packed weights of int8 linear layers too.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``repeats`` or a batch size is not positive.
+    """
+    from .export import load_exported
+
+    path = Path(path)
+    size = _file_size(path)
+    exported = load_exported(path)
+    if exported.format != "torchscript":
+        raise ValueError(f"benchmark_torchscript needs a TorchScript file, got {str(path)!r}; use benchmark_onnx()")
+    module = exported.backend
+    shape = tuple(int(d) for d in input_shape)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    timings = _bench_callable(
+        run,
+        lambda b: torch.randn(b, *shape),
+        latency_batch=latency_batch,
+        throughput_batch=throughput_batch,
+        repeats=repeats,
+    )
+    return {"parameters": _count_script_parameters(module), "size_bytes": size, **timings}

@@ -284,6 +284,23 @@ def _headlines(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def advice(metrics: Mapping[str, Any]) -> str | None:
+    """Why distillation did not help in this run, and what to try; ``None`` when it helped
+    (or there is no scratch student to compare with)."""
+    gain = _gain(metrics)
+    models = metrics.get("models") or {}
+    if gain is None or gain > 0 or "teacher" not in models or "scratch" not in models:
+        return None
+    t, sc = 100 * models["teacher"]["test_accuracy"], 100 * models["scratch"]["test_accuracy"]
+    if t - sc < 1.0:
+        standing = "only slightly more accurate than" if t > sc else "no more accurate than"
+        return (f"The teacher ({t:.2f}%) is {standing} the student trained from scratch ({sc:.2f}%), so it "
+                "has little to teach: train it longer (stages.teacher.epochs), or give the students fewer "
+                "labels (data.subset=N with data.unlabelled=true), where soft targets matter most.")
+    return ("The student did not catch up with its softened targets in this budget: try more epochs "
+            "(stages.distil.epochs) or a lower temperature (stages.distil.temperature).")
+
+
 def _machine(metrics: Mapping[str, Any]) -> str:
     m = metrics.get("machine") or {}
     if not m:
@@ -365,6 +382,8 @@ def render_html(metrics: Mapping[str, Any], figures: Mapping[str, str | os.PathL
             f'<figure id="figure-{e(key)}"><img src="{_data_uri(path)}" alt="{e(caption)}">'
             f"<figcaption>{e(caption)}</figcaption></figure>"
         )
+    note = advice(metrics)
+    advice_html = f'<p class="advice"><strong>Why no gain here:</strong> {e(note)}</p>\n' if note else ""
     figures_html = ("<h2>Figures</h2>\n" + "\n".join(blocks)) if blocks else ""
     machine = _machine(metrics)
     version = metrics.get("kdistill_version")
@@ -386,7 +405,7 @@ def render_html(metrics: Mapping[str, Any], figures: Mapping[str, str | os.PathL
 <div class="headline">
 {cards}
 </div>
-<h2>Teacher, student from scratch, distilled student</h2>
+{advice_html}<h2>Teacher, student from scratch, distilled student</h2>
 {table}
 {figures_html}
 <footer>
@@ -456,6 +475,9 @@ def render_markdown(
                 "",
             ]
     lines += [f"- **{_md(value)}** {_md(label)}" for value, label, _ in _headlines(metrics)]
+    note = advice(metrics)
+    if note:
+        lines += ["", f"**Why no gain here:** {_md(note)}"]
     train = [f"{r['model']} {r['train']}" for r in _table_rows(metrics) if r["train"] != "n/a"]
     if train:
         lines += ["", "Training time: " + _md(", ".join(train)) + "."]
