@@ -202,8 +202,8 @@ class ModelSpec(ComponentSpec):
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         fn = self.resolve()
-        provided = ("num_classes", "in_channels", "input_size")
-        check_kwargs(fn, self.kwargs, provided=provided if self.name is not None else ())
+        # the runner passes these to a built-in, and to a _component_ that takes them
+        check_kwargs(fn, self.kwargs, provided=("num_classes", "in_channels", "input_size"))
         return self
 
     def reserved_keys(self) -> tuple[str, ...]:
@@ -224,7 +224,14 @@ class LossSpec(ComponentSpec):
 
     @model_validator(mode="after")
     def _check(self) -> "LossSpec":
-        check_kwargs(self.resolve(), self.kwargs)
+        from .losses.base import DistillationLoss
+
+        cls = self.resolve()
+        if not (inspect.isclass(cls) and issubclass(cls, DistillationLoss)):
+            raise ValueError(
+                f"loss {self.component or self.name} is not a kdistill.losses.DistillationLoss subclass: a loss is a "
+                "class with forward(student: Outputs, teacher: Outputs, batch: Batch) -> Tensor")
+        check_kwargs(cls, self.kwargs)
         return self
 
     def reserved_keys(self) -> tuple[str, ...]:
@@ -513,9 +520,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     if not path.is_file():
         raise ConfigError(f"no config file at {path}; the shipped ones are under configs/ (e.g. configs/fashion_mnist/kd/classic_cnn.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = {} if raw is None else raw  # an empty file: every default
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment config is a mapping of sections (data, teacher, ...), got {type(raw).__name__}")
     source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")

@@ -26,7 +26,7 @@ class RandomCrop:
     """
 
     def __init__(self, padding: int = 4):
-        if not isinstance(padding, int) or padding < 1:
+        if not isinstance(padding, int) or isinstance(padding, bool) or padding < 1:
             raise ValueError(f"padding must be a positive integer, got {padding!r}")
         self.padding = padding
 

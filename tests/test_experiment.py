@@ -1,0 +1,157 @@
+"""The experiment runner: run directory, metrics, reuse, refusal to overwrite, stage store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiment_configs import tiny_config
+from kdistill.checkpoint import save_checkpoint
+from kdistill.config import validate_config
+from kdistill.errors import RunDirectoryError
+from kdistill.experiment import load_stage_model, run_experiment
+
+pytest.importorskip("sklearn")
+
+
+def _run(raw, logs=None, **kw):
+    config = validate_config(raw)
+    return run_experiment(config, verbose=0, log=(logs.append if logs is not None else lambda m: None), **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    raw = tiny_config(out)
+    return out, raw, _run(raw)
+
+
+def test_run_directory_layout(finished):
+    out, _, _ = finished
+    for name in ("config.yaml", "run.json", "metrics.json", "report.md", "report.html",
+                 "figures/curves.png", "figures/confusion.png", "figures/accuracy.png"):
+        assert (out / name).is_file(), name
+    for stage in ("teacher", "scratch", "distil"):
+        for name in ("checkpoint.pt", "last.pt", "history.jsonl", "done.json", "stage.json"):
+            assert (out / "stages" / stage / name).is_file(), f"{stage}/{name}"
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    lines = (out / "stages" / "distil" / "history.jsonl").read_text().strip().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert {"student_loss", "distillation_loss", "val_accuracy"} <= set(json.loads(lines[-1]))
+
+
+def test_metrics_are_consistent(finished):
+    out, _, metrics = finished
+    models = metrics["models"]
+    assert set(models) == {"teacher", "scratch", "distil"} == set(metrics["stages"])
+    acc = {k: v["test_accuracy"] for k, v in models.items()}
+    # the final-epoch validation accuracy of each stage is the reported test accuracy
+    for stage in acc:
+        assert metrics["histories"][stage]["history"]["val_accuracy"][-1] == pytest.approx(acc[stage], abs=1e-6)
+    assert metrics["distillation_gain_points"] == pytest.approx(100 * (acc["distil"] - acc["scratch"]))
+    assert metrics["accuracy_recovered"] == pytest.approx((acc["distil"] - acc["scratch"]) / (acc["teacher"] - acc["scratch"]))
+    cm = torch.tensor(metrics["confusion_matrix"])
+    assert cm.shape == (10, 10) and int(cm.sum()) == metrics["dataset"]["test"]
+    assert float(cm.diag().sum()) / float(cm.sum()) == pytest.approx(acc["distil"], abs=1e-6)
+    assert 0.0 <= metrics["agreement"]["distil"] <= 1.0
+    assert models["teacher"]["parameters"] > models["distil"]["parameters"] == models["scratch"]["parameters"]
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+
+def test_saved_student_reloads_with_the_same_accuracy(finished):
+    out, _, metrics = finished
+    from kdistill.data import load_dataset
+
+    data = load_dataset("digits")
+    model = load_stage_model(out, "distil", data=data)
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(data.x_test)).argmax(-1)
+    acc = float((pred == torch.from_numpy(data.y_test)).float().mean())
+    assert acc == pytest.approx(metrics["models"]["distil"]["test_accuracy"], abs=1e-6)
+
+
+def test_rerunning_a_finished_run_does_nothing(finished):
+    out, raw, metrics = finished
+    before = (out / "stages" / "distil" / "checkpoint.pt").stat().st_mtime_ns
+    logs: list[str] = []
+    again = _run(raw, logs)
+    assert again["models"] == json.loads(json.dumps(metrics["models"]))
+    assert any("nothing to do" in m for m in logs)
+    assert (out / "stages" / "distil" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_a_different_config_never_overwrites_a_finished_run(finished):
+    out, raw, _ = finished
+    changed = tiny_config(out, stages={**raw["stages"], "distil": {**raw["stages"]["distil"], "alpha": 0.9}})
+    with pytest.raises(RunDirectoryError, match="--force"):
+        _run(changed)
+    assert json.loads((out / "metrics.json").read_text())["config"]["stages"]["distil"]["alpha"] == 0.3
+
+
+def test_force_replaces_and_a_non_run_folder_is_refused(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match="not a kdistill run directory"):
+        _run(tiny_config(tmp_path / "stuff"))
+    assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
+
+
+def test_stage_store_shares_the_teacher_and_scratch_across_runs(tmp_path):
+    store = tmp_path / "store"
+    first = tiny_config(tmp_path / "a", teacher_store=str(store), stages={
+        **tiny_config(tmp_path)["stages"], "teacher": {"epochs": 1}, "scratch": {"epochs": 1}, "distil": {"epochs": 1}})
+    m1 = _run(first)
+    second = {**first, "output_dir": str(tmp_path / "b")}
+    second["stages"] = {**first["stages"], "distil": {"epochs": 1, "temperature": 2.0}}
+    logs: list[str] = []
+    m2 = _run(second, logs)
+    assert any("[teacher] reusing the teacher trained by" in m for m in logs)
+    assert any("[scratch] reusing" in m for m in logs)
+    assert m2["models"]["teacher"]["test_accuracy"] == m1["models"]["teacher"]["test_accuracy"]
+    assert m2["models"]["teacher"]["reused"] == str(tmp_path / "a")
+    assert m2["fingerprints"]["teacher"] == m1["fingerprints"]["teacher"]
+    assert m2["fingerprints"]["distil"] != m1["fingerprints"]["distil"]
+    # other data (a labelled subset changes the students' data) -> the scratch stage is not shared
+    third = {**second, "output_dir": str(tmp_path / "c"), "data": {**second["data"], "subset": 300}}
+    logs = []
+    _run(third, logs)
+    assert any("[teacher] reusing" in m for m in logs) and not any("[scratch] reusing" in m for m in logs)
+
+
+def test_teacher_checkpoint_is_loaded_instead_of_trained(tmp_path, finished):
+    out, raw, metrics = finished
+    raw2 = tiny_config(tmp_path / "b", teacher={"name": "mlp", "hidden": [64],
+                                                "checkpoint": str(out / "stages" / "teacher" / "checkpoint.pt")},
+                       stages={**raw["stages"], "scratch": {"enabled": False}})
+    logs: list[str] = []
+    m = _run(raw2, logs)
+    assert any("[teacher] loaded from" in line for line in logs)
+    assert m["models"]["teacher"]["test_accuracy"] == metrics["models"]["teacher"]["test_accuracy"]
+    assert set(m["models"]) == {"teacher", "distil"} and m["distillation_gain_points"] is None
+    assert not (tmp_path / "b" / "stages" / "teacher").exists()
+
+
+def test_user_components_and_several_losses(tmp_path):
+    raw = tiny_config(tmp_path / "u", student={"_component_": "user_components.tiny_mlp", "width": 6},
+                      stages={"teacher": {"epochs": 1}, "scratch": {"enabled": False}, "distil": {
+                          "epochs": 1, "losses": [{"name": "kd", "weight": 1.0},
+                                                  {"_component_": "user_components.CosineLogits", "weight": 0.5, "scale": 2.0}]}},
+                      data={"dataset": "digits", "augment": [{"name": "gaussian_noise", "std": 0.01}]})
+    m = _run(raw)
+    hist = m["histories"]["distil"]["history"]
+    assert {"distillation/kd", "distillation/CosineLogits"} <= set(hist)
+    total = hist["distillation/kd"][0] + hist["distillation/CosineLogits"][0]
+    assert hist["distillation_loss"][0] == pytest.approx(total, rel=1e-5)
+    assert m["models"]["distil"]["parameters"] == 64 * 6 + 6 + 6 * 10 + 10
+
+
+def test_teacher_checkpoint_of_another_model_is_refused(tmp_path):
+    bad = tmp_path / "other.pt"
+    save_checkpoint(bad, torch.nn.Linear(3, 2))
+    raw = tiny_config(tmp_path / "x", teacher={"name": "mlp", "hidden": [64], "checkpoint": str(bad)})
+    from kdistill.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="do not\\s+fit"):
+        _run(raw)
