@@ -30,13 +30,14 @@ def finished(tmp_path_factory):
 
 def test_run_directory_layout(finished):
     out, _, _ = finished
-    for name in ("config.yaml", "run.json", "metrics.json", "report.md", "report.html",
+    for name in ("config.yaml", "run.json", "run.log", "metrics.json", "report.md", "report.html",
                  "figures/curves.png", "figures/confusion.png", "figures/accuracy.png"):
         assert (out / name).is_file(), name
     for stage in ("teacher", "scratch", "distil"):
         for name in ("checkpoint.pt", "last.pt", "history.jsonl", "done.json", "stage.json"):
             assert (out / "stages" / stage / name).is_file(), f"{stage}/{name}"
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert "[distil] training" in (out / "run.log").read_text()
     lines = (out / "stages" / "distil" / "history.jsonl").read_text().strip().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     assert {"student_loss", "distillation_loss", "val_accuracy"} <= set(json.loads(lines[-1]))

@@ -14,6 +14,7 @@ A run trains, in order, the **teacher** (or loads ``teacher.checkpoint``), the s
                                 states, epoch, step, data position, history)
         history.jsonl           one JSON object per epoch (train and val_ terms)
         stage.json, done.json   fingerprint of the stage; done.json marks it finished
+      run.log                 what the runner did and when (trained, reused, resumed)
       metrics.json            every number of the report, and the machine
       figures/*.png           learning curves, confusion matrix, accuracy per epoch
       report.md, report.html  the report (HTML self-contained)
@@ -291,7 +292,8 @@ def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, lo
             log(f"--force: discarding the earlier run in {run_dir}")
             for item in ("stages", "figures"):
                 shutil.rmtree(run_dir / item, ignore_errors=True)
-            for item in ("metrics.json", "report.md", "report.html", "run.json", "config.yaml"):
+            for item in ("metrics.json", "report.md", "report.html", "run.json", "config.yaml", "export.json",
+                         *(p.name for p in run_dir.glob("student*.*"))):
                 (run_dir / item).unlink(missing_ok=True)
             return "new"
         if same and info.get("status") == "finished":
@@ -311,6 +313,17 @@ def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, lo
             "choose an empty or new output directory"
         )
     return "new"
+
+
+def _tee(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    """``log`` that also appends each message, time-stamped, to ``path`` (the run's log)."""
+
+    def both(message: str) -> None:
+        log(message)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    return both
 
 
 def _write_run_json(run_dir: Path, config: ExperimentConfig, status: str, started: float) -> None:
@@ -359,6 +372,7 @@ def run_experiment(
             "--force trains it again)")
         return json.loads((run_dir / "metrics.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    log = _tee(log, run_dir / "run.log")
     started = time.time()
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
     _write_run_json(run_dir, config, "running", started)
