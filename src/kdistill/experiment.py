@@ -484,6 +484,21 @@ def run_experiment(
     return metrics
 
 
+def headline_numbers(models: dict[str, dict]) -> tuple[float | None, float | None]:
+    """``(gain in points, accuracy recovered)`` from the models' test accuracies.
+
+    Accuracy recovered = (distilled - scratch) / (teacher - scratch); it is undefined
+    (``None``) without a scratch student or when the teacher is not more accurate than it
+    (there is no gap to recover).
+    """
+    acc = {k: v["test_accuracy"] for k, v in models.items()}
+    if "scratch" not in acc or "distil" not in acc:
+        return None, None
+    gain = 100 * (acc["distil"] - acc["scratch"])
+    gap = acc["teacher"] - acc["scratch"]
+    return gain, ((acc["distil"] - acc["scratch"]) / gap if gap > 0 else None)
+
+
 def _predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
     return Trainer(model, device=device).predict(x, batch_size=batch_size).argmax(-1)
 
@@ -501,12 +516,7 @@ def _measure(ctx: _Context, models: dict[str, nn.Module], results: dict[str, dic
             "train_seconds": results[name]["seconds"],
             "reused": results[name]["reused"],
         }
-    acc = {k: v["test_accuracy"] for k, v in out.items()}
-    gain = recovered = None
-    if "scratch" in acc:
-        gain = 100 * (acc["distil"] - acc["scratch"])
-        gap = acc["teacher"] - acc["scratch"]
-        recovered = (acc["distil"] - acc["scratch"]) / gap if abs(gap) > 1e-12 else None
+    gain, recovered = headline_numbers(out)
     n = data.num_classes
     confusion = torch.bincount(y_test * n + preds["distil"], minlength=n * n).reshape(n, n)
     return {
@@ -533,6 +543,16 @@ def write_run_report(run_dir: Path, metrics: dict) -> dict[str, Path]:
     from .report.html import write_report
 
     return write_report(run_dir, metrics)
+
+
+def refresh_metrics(run_dir: Path, metrics: dict) -> dict:
+    """Recompute the derived numbers of ``metrics.json`` (written by an older kdistill)
+    from the measured accuracies; rewrites the file when they changed."""
+    gain, recovered = headline_numbers(metrics.get("models", {}))
+    if (metrics.get("distillation_gain_points"), metrics.get("accuracy_recovered")) != (gain, recovered):
+        metrics = {**metrics, "distillation_gain_points": gain, "accuracy_recovered": recovered}
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
 
 
 # --------------------------------------------------------------------------- reading runs

@@ -34,3 +34,23 @@ def test_advice_is_in_both_reports():
     assert "Why no gain here" in render_markdown(m, {})
     assert "Why no gain here" in render_html(m, {})
     assert "Why no gain here" not in render_markdown(_metrics(0.95, 0.80, 0.90), {})
+
+
+def test_accuracy_recovered_is_undefined_without_a_gap_to_recover(tmp_path):
+    import json
+
+    from kdistill.experiment import headline_numbers, refresh_metrics
+    from kdistill.report.html import _recovered
+
+    m = _metrics(0.870, 0.873, 0.856)  # teacher below scratch: no gap
+    gain, recovered = headline_numbers(m["models"])
+    assert gain == 100 * (0.856 - 0.873) and recovered is None
+    assert _recovered(m) is None
+    assert "teacher is no more accurate than the scratch student" in render_markdown(m, {})
+    assert headline_numbers(_metrics(0.95, 0.80, 0.90)["models"])[1] == (0.90 - 0.80) / (0.95 - 0.80)
+    # metrics written by the older definition are corrected by `kdistill report`
+    stale = {**m, "accuracy_recovered": 6.69}
+    (tmp_path / "metrics.json").write_text(json.dumps(stale))
+    fixed = refresh_metrics(tmp_path, stale)
+    assert fixed["accuracy_recovered"] is None
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy_recovered"] is None

@@ -1,5 +1,7 @@
 """``kdistill report RUN_DIR``: (re)write ``report.md`` and ``report.html`` of a finished run
-from its ``metrics.json`` (``kdistill run`` does this itself at the end)."""
+from its ``metrics.json`` (``kdistill run`` does this itself at the end). Numbers derived
+from the measured accuracies (gain, accuracy recovered) are recomputed with this version's
+definitions."""
 
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import write_run_report
+    from ..experiment import refresh_metrics, write_run_report
 
-    paths = write_run_report(Path(args.run_dir), read_metrics(args.run_dir))
+    run_dir = Path(args.run_dir)
+    paths = write_run_report(run_dir, refresh_metrics(run_dir, read_metrics(run_dir)))
     for name in ("report.md", "report.html"):
         print(Path(args.run_dir) / name)
     return 0 if paths else 1

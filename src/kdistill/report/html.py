@@ -146,7 +146,7 @@ def _recovered(metrics: Mapping[str, Any]) -> float | None:
         t, s, a = (models[k]["test_accuracy"] for k in ("teacher", "scratch", d))
     except (KeyError, TypeError):
         return None
-    return None if t == s else (a - s) / (t - s)
+    return None if t <= s else (a - s) / (t - s)
 
 
 def _gain(metrics: Mapping[str, Any]) -> float | None:
@@ -274,7 +274,8 @@ def _headlines(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                     "good" if recovered > 0 else "bad" if recovered < 0 else ""))
     else:
         why = ("no scratch student in this run" if not has_scratch
-               else "teacher and scratch equally accurate" if "teacher" in models else "not recorded")
+               else "the teacher is no more accurate than the scratch student" if "teacher" in models
+               else "not recorded")
         out.append(("n/a", f"accuracy recovered: {why}", ""))
     agreement = metrics.get("agreement") or {}
     for stage in ("scratch", "distil", "distilled"):
