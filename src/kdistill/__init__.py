@@ -5,20 +5,33 @@ The public API; everything else is reachable from the submodules.
 
 __version__ = "0.1.0"
 
-from .callbacks import Callback, CSVLogger, EarlyStopping, History, JSONLogger, ModelCheckpoint, ProgressBar
+from .callbacks import (
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    History,
+    JSONLogger,
+    ModelCheckpoint,
+    ProgressBar,
+    TrainingCheckpoint,
+)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_dataset, make_loader
 from .distiller import Distiller, Trainer
 from .errors import (
     CheckpointError,
+    ConfigError,
     DatasetNotFoundError,
+    ExportParityError,
     IdxFormatError,
     InvalidDivergenceError,
     KDistillError,
+    MissingExtraError,
     ModelInputError,
     NonFiniteLossError,
+    RunDirectoryError,
 )
-from .losses import DistillationLoss, KDLoss, KLDivergence, kd_loss
+from .losses import DistillationLoss, KDLoss, KLDivergence, WeightedSum, kd_loss
 from .models import build_model
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
@@ -30,10 +43,12 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "CheckpointError",
+    "ConfigError",
     "DatasetNotFoundError",
     "DistillationLoss",
     "Distiller",
     "EarlyStopping",
+    "ExportParityError",
     "History",
     "IdxFormatError",
     "InvalidDivergenceError",
@@ -42,13 +57,17 @@ __all__ = [
     "KDistillError",
     "KLDivergence",
     "LiveTeacher",
+    "MissingExtraError",
     "ModelCheckpoint",
     "ModelInputError",
     "NonFiniteLossError",
     "Outputs",
     "ProgressBar",
+    "RunDirectoryError",
     "Trainer",
+    "TrainingCheckpoint",
     "UNLABELLED",
+    "WeightedSum",
     "build_model",
     "get_device",
     "kd_loss",

@@ -87,7 +87,7 @@ def test_export_checks_parity_and_reports_int8(run, capsys, fmt, suffix):
     assert main(["export", str(run_dir), "--format", fmt, "--int8"]) == 0
     printed = capsys.readouterr().out
     assert f"student{suffix}" in printed and "max |exported - PyTorch|" in printed and "int8:" in printed
-    result = json.loads((run_dir / "export.json").read_text())
+    result = json.loads((run_dir / "export.json").read_text())[f"distil/{fmt}"]
     assert result["parity"]["max_abs_diff"] <= 1e-4
     assert result["test_accuracy_exported"] == pytest.approx(result["test_accuracy_pytorch"], abs=1e-3)
     assert abs(result["int8"]["accuracy_change_points"]) < 15

@@ -5,7 +5,8 @@ The export is checked against PyTorch on held-out test inputs: the largest absol
 difference of the logits is reported and the command fails above ``--atol``. With
 ``--int8`` the exported model is also quantized (ONNX: static, calibrated on training
 samples, so convolutions run in int8 too; TorchScript: dynamic, linear layers only) and
-the accuracy change on the test set is reported. Results go to ``RUN_DIR/export.json``.
+the accuracy change on the test set is reported. Results go to ``RUN_DIR/export.json``
+(one entry per ``<stage>/<format>``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"stage": args.stage, "format": args.format, "path": str(out), "size_bytes": out.stat().st_size,
               "parity": parity, "test_accuracy_pytorch": torch_acc,
               "test_accuracy_exported": evaluate_exported(out, x_test, y_test)}
-    print(f"exported {args.stage} to {out} ({out.stat().st_size:,} bytes); max |exported - PyTorch| = "
+    print(f"exported the {'distilled student' if args.stage == 'distil' else args.stage} to {out} ({out.stat().st_size:,} bytes); max |exported - PyTorch| = "
           f"{parity['max_abs_diff']:.2e} on {parity['samples']} test samples (tolerance {args.atol:g}); "
           f"argmax agreement {100 * parity['argmax_agreement']:.2f}%")
     # 3. int8: quantize, then the accuracy change on the whole test set
@@ -74,5 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"int8: {int8_path} ({int8_path.stat().st_size:,} bytes, {out.stat().st_size / int8_path.stat().st_size:.1f}x "
               f"smaller); test accuracy {100 * acc8:.2f}% vs {100 * result['test_accuracy_exported']:.2f}% float "
               f"({result['int8']['accuracy_change_points']:+.2f} points)")
-    atomic_write_text(run_dir / "export.json", json.dumps(result, indent=1))
+    # one entry per format and stage: exporting ONNX then TorchScript keeps both
+    record = run_dir / "export.json"
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    previous[f"{args.stage}/{args.format}"] = result
+    atomic_write_text(record, json.dumps(previous, indent=1))
     return 0
