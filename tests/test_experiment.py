@@ -156,3 +156,60 @@ def test_teacher_checkpoint_of_another_model_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="do not\\s+fit"):
         _run(raw)
+
+
+def test_a_user_data_reader_feeds_the_run(tmp_path):
+    raw = tiny_config(tmp_path / "r", data={"reader": {"_component_": "user_components.synthetic_splits", "n_train": 300},
+                                            "batch_size": 32},
+                      teacher={"name": "mlp", "hidden": [32]}, student={"name": "mlp", "hidden": [4]})
+    raw["data"].pop("dataset")
+    m = _run(raw)
+    assert m["dataset"]["name"] == "synthetic" and m["dataset"]["train"] == 300 and m["dataset"]["num_classes"] == 3
+    assert m["dataset"]["class_names"] == ["top", "middle", "bottom"] and m["dataset"]["input_shape"] == [1, 4, 4]
+    assert m["models"]["teacher"]["test_accuracy"] > 0.9  # the classes are easy: the data really flowed
+
+
+@pytest.mark.parametrize("spec, epochs, steps, expected", [
+    ({"name": "constant"}, 3, 10, [1.0] * 30),
+    ({"name": "step", "step_size": 2, "gamma": 0.5}, 4, 5, [1.0, 1.0, 0.5, 0.5]),
+    ({"name": "multistep", "milestones": [1, 3], "gamma": 0.1}, 4, 5, [1.0, 0.1, 0.1, 0.01]),
+])
+def test_built_in_schedules(spec, epochs, steps, expected):
+    from kdistill.config import ScheduleSpec
+    from kdistill.experiment import build_schedule
+
+    factory, interval = build_schedule(ScheduleSpec(**spec), epochs, steps)
+    if factory is None:
+        assert interval == "epoch" and spec["name"] == "constant"
+        return
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = factory(opt)
+    assert interval == "epoch"
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected)
+
+
+def test_cosine_schedule_with_warmup_follows_the_formula():
+    import math
+
+    from kdistill.config import ScheduleSpec
+    from kdistill.experiment import build_schedule
+
+    epochs, steps, warm = 4, 10, 1
+    factory, interval = build_schedule(ScheduleSpec(name="cosine", warmup_epochs=warm, eta_min=0.0), epochs, steps)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = factory(opt)
+    assert interval == "step"
+    lrs = []
+    for _ in range(epochs * steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[warm * steps - 1] < 1.0  # linear warm-up from 1e-3
+    total = epochs * steps - warm * steps
+    for i in (0, 7, 15, 29):  # cosine decay after the warm-up: 0.5 * (1 + cos(pi * i / total))
+        assert lrs[warm * steps + i] == pytest.approx(0.5 * (1 + math.cos(math.pi * i / total)), abs=1e-6)

@@ -305,6 +305,22 @@ class AugmentSpec(ComponentSpec):
         return _builtin("augmentation", self.name, AUGMENTATIONS) if self.name is not None else resolve_callable(self.component)
 
 
+class ReaderSpec(ComponentSpec):
+    """A data reader: a ``_component_`` function returning :class:`kdistill.data.DatasetSplits`
+    (its other keys, e.g. ``path``, are its keyword arguments)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReaderSpec":
+        if self.name is not None:
+            raise ValueError("data.reader takes a _component_ dotted path (a function returning DatasetSplits); "
+                             "for a built-in dataset use data.dataset")
+        check_kwargs(self.resolve(), self.kwargs)
+        return self
+
+    def resolve(self) -> Callable[..., Any]:
+        return resolve_callable(self.component)
+
+
 class CallbackSpec(ComponentSpec):
     """A :class:`~kdistill.callbacks.Callback`: ``early_stopping`` or a ``_component_``."""
 
@@ -322,7 +338,7 @@ class DataConfig(_Strict):
     """Where the data comes from and how it is batched."""
 
     dataset: str | None = Field(default="fashion_mnist", description="fashion_mnist, mnist, kmnist or digits")
-    reader: ComponentSpec | None = Field(
+    reader: ReaderSpec | None = Field(
         default=None, description="_component_ returning a kdistill.data.DatasetSplits (instead of dataset)")
     data_dir: str | None = None
     subset: int | None = Field(default=None, ge=1, description="labelled training samples the students see")
@@ -333,8 +349,6 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if self.reader is not None and self.reader.name is not None:
-            raise ValueError("data.reader takes a _component_ dotted path (a function returning DatasetSplits)")
         if self.reader is not None:
             self.__dict__["dataset"] = None  # the reader replaces the built-in dataset
         if self.dataset is None and self.reader is None:

@@ -38,6 +38,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +193,14 @@ def _copy_stage(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("checkpoint.pt", "history.jsonl", "stage.json", "done.json"):
         if (src / name).is_file():
-            tmp = dst / f".{name}.copy"
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, dst / name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".copy", dir=dst)  # unique: runs may publish at once
+            os.close(fd)
+            try:
+                shutil.copyfile(src / name, tmp)
+                os.replace(tmp, dst / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
 
 def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer: Callable[[], Trainer],
