@@ -13,17 +13,32 @@ from ..outputs import Batch, Outputs
 class DistillationLoss(nn.Module):
     """Base class of distillation losses: ``forward(student, teacher, batch) -> Tensor``.
 
-    Subclasses declare, as class attributes, what the engine needs to know about them:
+    What the engine needs to know about a loss, it declares; the Distiller never inspects
+    a loss's internals:
 
-    * ``taps``: the layers they read, ``{"student": path, "teacher": path}`` (empty for
-      losses on logits). The Distiller installs the hooks; it never inspects a loss.
+    * ``taps``: the layers it reads, ``{"student": path, "teacher": path}`` (empty for
+      losses on logits). A class attribute, or set per instance in ``__init__`` (feature
+      losses take ``student_layer`` / ``teacher_layer``). The Distiller installs forward
+      hooks on those module paths and hands the captured tensors in
+      ``Outputs.features[path]``; :meth:`features` returns the pair.
     * ``nonnegative``: whether the loss is a divergence that can never be negative, so a
       negative value means a bug (raw logits where probabilities were expected) and the
       Distiller stops with :class:`~kdistill.errors.InvalidDivergenceError`.
+    * :meth:`setup`: called once before training with the outputs (and features) of one
+      batch, so a loss can build the parts whose shapes depend on the models (adapters,
+      embedding heads). Parameters it creates are trained with the student: the Distiller
+      adds them to the optimizer, saves them in checkpoints and never exports them.
+    * :meth:`set_progress`: called before every training step with the epoch and global
+      step, for losses with a warm-up or a schedule.
     """
 
     taps: ClassVar[dict[str, str]] = {}
     nonnegative: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.global_step = 0
 
     @property
     def name(self) -> str:
@@ -36,6 +51,35 @@ class DistillationLoss(nn.Module):
     def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
         """The loss as named terms that sum to it (one term unless overridden)."""
         return {self.name: self(student, teacher, batch)}
+
+    def setup(self, student: Outputs, teacher: Outputs) -> None:
+        """Build shape-dependent parts from one batch's outputs (default: nothing)."""
+
+    def set_progress(self, epoch: int, global_step: int) -> None:
+        """The trainer's position: 0-based epoch and optimizer steps taken so far."""
+        self.epoch = epoch
+        self.global_step = global_step
+
+    def features(self, student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's and the teacher's tapped tensors this loss reads.
+
+        Raises:
+            KeyError: a tapped layer's output is missing (the loss was called outside a
+                Distiller, or its taps were not installed), naming what is there.
+        """
+        out = []
+        for role, outputs in (("student", student), ("teacher", teacher)):
+            path = self.taps.get(role)
+            if path is None:
+                raise KeyError(f"{self.name} declares no {role} layer in its taps ({self.taps})")
+            if path not in outputs.features:
+                raise KeyError(
+                    f"{self.name} needs the {role}'s '{path}' output, but the {role}'s outputs hold "
+                    f"{sorted(outputs.features) or 'no features'}: run it inside a Distiller (which installs "
+                    f"the taps) or capture the layer with kdistill.taps.capture"
+                )
+            out.append(outputs.features[path])
+        return out[0], out[1]
 
 
 class WeightedSum(DistillationLoss):
@@ -66,7 +110,19 @@ class WeightedSum(DistillationLoss):
 
     @property
     def taps(self) -> dict[str, str]:  # type: ignore[override]
-        return {}
+        return {}  # each part declares its own; the Distiller collects them from parts
+
+    def parts_list(self) -> list[DistillationLoss]:
+        return list(self.parts.values())
+
+    def setup(self, student: Outputs, teacher: Outputs) -> None:
+        for loss in self.parts.values():
+            loss.setup(student, teacher)
+
+    def set_progress(self, epoch: int, global_step: int) -> None:
+        super().set_progress(epoch, global_step)
+        for loss in self.parts.values():
+            loss.set_progress(epoch, global_step)
 
     def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
         return {name: self.weights[name] * loss(student, teacher, batch) for name, loss in self.parts.items()}
