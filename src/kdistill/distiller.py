@@ -23,7 +23,7 @@ from .losses.logits import check_same_classes, check_temperature
 from .metrics import Metric, resolve_metrics
 from .outputs import Batch, Outputs
 from .runtime import get_device, seed_everything
-from .taps import CheckedForward
+from .taps import CheckedForward, FeatureTaps
 from .teacher import LiveTeacher
 
 OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -192,9 +192,13 @@ class Trainer:
     def _build_scheduler(self, spec: Any, interval: str) -> tuple[Any, str]:
         if interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {interval!r}")
+        self._scheduler_factory = None
         if spec is None:
             return None, interval
-        sched = spec if hasattr(spec, "step") and hasattr(spec, "state_dict") else spec(self.optimizer)
+        is_instance = hasattr(spec, "step") and hasattr(spec, "state_dict")
+        sched = spec if is_instance else spec(self.optimizer)
+        if not is_instance:
+            self._scheduler_factory = spec
         if not (hasattr(sched, "step") and hasattr(sched, "state_dict")):
             raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler or a factory of one, got {type(sched).__name__}")
         if getattr(sched, "optimizer", self.optimizer) is not self.optimizer:
@@ -418,9 +422,23 @@ class Trainer:
         self._epoch_done = False
         self.epoch, self.step_in_epoch = initial_epoch, 0
         self._fit_started, self._elapsed_before = time.perf_counter(), 0.0
+        self._before_training(train, generator)  # a Distiller installs taps, sets up its losses
         if resume_from is not None:
             self._restore_training_state(resume_from)  # sets epoch, step, history, RNG, data position
         start_epoch, start_step = self.epoch, self.step_in_epoch
+        try:
+            self._train_epochs(cbs, val, epochs, start_epoch, start_step)
+        finally:
+            self._after_training()
+        return history
+
+    def _before_training(self, train: Any, generator: torch.Generator) -> None:
+        """Called by :meth:`fit` once the data is ready, before a resume is restored."""
+
+    def _after_training(self) -> None:
+        """Called by :meth:`fit` when training ends, normally or not."""
+
+    def _train_epochs(self, cbs: list, val: Any, epochs: int, start_epoch: int, start_step: int) -> None:
         for cb in cbs:
             cb.on_train_begin()
         # 2. train, one epoch at a time
@@ -459,7 +477,6 @@ class Trainer:
         self._elapsed_before, self._fit_started = self.elapsed_seconds, None
         for cb in cbs:
             cb.on_train_end()
-        return history
 
     # ------------------------------------------------------------------ resuming
     def _resumable_modules(self) -> dict[str, nn.Module]:
@@ -593,6 +610,8 @@ class Distiller(Trainer):
         self.alpha = 0.1
         self.distillation_loss: DistillationLoss | None = None
         self._pair_checked = False
+        self._losses_ready = False
+        self._student_taps: FeatureTaps | None = None
 
     @property
     def student(self) -> nn.Module:
@@ -671,6 +690,8 @@ class Distiller(Trainer):
                 temperature_squared=temperature_squared,
             )
         self.distillation_loss.to(self.device)
+        self._losses_ready = False
+        self.tapped_layers()  # a malformed taps declaration fails at compile
         return self
 
     def _check_pair(self, student: Outputs, teacher: Outputs) -> None:
@@ -690,10 +711,13 @@ class Distiller(Trainer):
         """One distillation step; returns ``loss``, ``student_loss``,
         ``distillation_loss`` and the metrics."""
         self._require_compiled()
-        # 1. the frozen teacher's outputs (no graph, no grad)
+        if not self._losses_ready:
+            self.setup(batch)  # your own loop: set up on the first batch
+        self.distillation_loss.set_progress(self.epoch, self.global_step)
+        # 1. the frozen teacher's outputs (no graph, no grad), with its tapped layers
         teacher_out = self.teacher(batch)
-        # 2. the student's forward
-        student_out = Outputs(self.forward(self.model, batch.inputs))
+        # 2. the student's forward, with its tapped layers
+        student_out = Outputs(self.forward(self.model, batch.inputs), self._pop_student_features())
         if not self._pair_checked:
             self._check_pair(student_out, teacher_out)
         # 3. the two loss terms; unlabelled samples add only the distillation term
@@ -719,12 +743,102 @@ class Distiller(Trainer):
     def test_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Evaluate the student alone: ``student_loss`` (also as ``loss``) and metrics."""
         logs = super().test_step(batch)
+        self._pop_student_features()  # not needed for evaluation
         if "loss" in logs:
             logs["student_loss"] = logs["loss"]
         return logs
 
     def _resumable_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "distillation_loss": self.distillation_loss}
+
+    # ------------------------------------------------------------------ taps and set-up
+    def loss_parts(self) -> list[DistillationLoss]:
+        """The distillation losses (the parts of a :class:`WeightedSum`, or the one loss)."""
+        loss = self.distillation_loss
+        return list(loss.parts.values()) if isinstance(loss, WeightedSum) else [loss]
+
+    def tapped_layers(self) -> dict[str, list[str]]:
+        """``{"student": [paths], "teacher": [paths]}`` the losses read."""
+        out: dict[str, set[str]] = {"student": set(), "teacher": set()}
+        for part in self.loss_parts():
+            for role, path in (part.taps or {}).items():
+                if role not in out:
+                    raise ValueError(f"{part.name}.taps has role {role!r}; expected 'student' and/or 'teacher'")
+                out[role].add(path)
+        return {k: sorted(v) for k, v in out.items()}
+
+    def _install_taps(self) -> None:
+        layers = self.tapped_layers()
+        if self._student_taps is None and layers["student"]:
+            self._student_taps = FeatureTaps(self.model, layers["student"], role="student").install()
+        if isinstance(self.teacher, LiveTeacher):
+            self.teacher.set_taps(layers["teacher"])
+
+    def _before_training(self, train: Any, generator: torch.Generator) -> None:
+        # 1. hooks on the layers the losses read
+        self._install_taps()
+        # 2. once: a dry run on one batch builds the losses' shape-dependent parts (adapters)
+        if not self._losses_ready:
+            from .runtime import rng_state, set_rng_state
+
+            saved_gen, saved_rng = generator.get_state(), rng_state()  # the peek must not shift the data order
+            batch = next(iter(train))
+            generator.set_state(saved_gen)
+            set_rng_state(saved_rng)
+            self.setup(batch)
+
+    def _after_training(self) -> None:
+        if self._student_taps is not None:
+            self._student_taps.remove()
+            self._student_taps = None
+        if isinstance(self.teacher, LiveTeacher):
+            self.teacher.set_taps([])
+
+    def setup(self, batch: Batch | torch.Tensor) -> None:
+        """Set the losses up on one batch: run teacher and student (eval mode, no
+        gradients), call every loss's ``setup`` (which builds adapters and other parts
+        whose shapes depend on the models), and add the parameters created to the
+        optimizer (a new param group with the optimizer's defaults; a scheduler built from
+        a factory is rebuilt, an instance learns the group's learning rate).
+
+        ``fit`` does this on its first batch; call it yourself only to use
+        :meth:`train_step` in your own loop (``train_step`` otherwise does it on the first
+        batch it gets).
+        """
+        self._require_compiled()
+        batch = batch if isinstance(batch, Batch) else Batch(batch)
+        batch = batch.to(self.device)
+        self._install_taps()
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            teacher_out = self.teacher(batch)
+            student_out = Outputs(self.forward(self.model, batch.inputs), self._pop_student_features())
+        self.model.train(was_training)
+        self._check_pair(student_out, teacher_out)
+        self.distillation_loss.setup(student_out, teacher_out)
+        self.distillation_loss.to(self.device)
+        in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        new = [p for p in self.distillation_loss.parameters() if p.requires_grad and id(p) not in in_optimizer]
+        if new:
+            self.optimizer.add_param_group({"params": new})
+            self._refresh_scheduler()
+        self._losses_ready = True
+
+    def _refresh_scheduler(self) -> None:
+        """A scheduler made before the adapters existed learns about their param group."""
+        if self.scheduler is None:
+            return
+        if self._scheduler_factory is not None:
+            self.scheduler = self._scheduler_factory(self.optimizer)
+            return
+        group = self.optimizer.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs.append(group["initial_lr"])
+
+    def _pop_student_features(self) -> dict[str, torch.Tensor]:
+        return {} if self._student_taps is None else self._student_taps.pop()
 
     def _train_loader(self, x: Any, y: Any, batch_size: int, shuffle: bool, generator: torch.Generator, unlabelled: Any = None, **kw: Any):
         if kw:

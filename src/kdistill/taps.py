@@ -3,8 +3,12 @@
 A model that rejects its inputs raises deep inside PyTorch ("mat1 and mat2 shapes cannot
 be multiplied"); :class:`CheckedForward` turns that into an error that names the model's
 role, the shape given and the shape expected. Only the first batch of each new input
-shape and dtype pays for the check. (Forward hooks on named layers join this module with
-the feature-distillation methods.)
+shape and dtype pays for the check.
+
+Feature taps: :class:`FeatureTaps` captures the outputs (or inputs) of modules named by
+path (``"layer3"``, ``"features.4"``, ``"fc:input"``) with forward hooks; the Distiller
+installs them for the layers its losses declare. :func:`list_layers` lists every path with
+its output shape (``kdistill layers MODEL``).
 """
 
 from __future__ import annotations
@@ -65,3 +69,137 @@ class CheckedForward:
             )
         self.accepted.add(kind)
         return out
+
+
+# --------------------------------------------------------------------------- feature taps
+INPUT_SUFFIX = ":input"
+
+
+def split_tap(path: str) -> tuple[str, bool]:
+    """``"fc:input"`` -> ``("fc", True)``; ``"layer3"`` -> ``("layer3", False)``."""
+    if path.endswith(INPUT_SUFFIX):
+        return path[: -len(INPUT_SUFFIX)], True
+    return path, False
+
+
+def resolve_module(model: nn.Module, path: str, *, role: str = "model") -> nn.Module:
+    """The submodule at ``path`` (``"layer3"``, ``"features.4"``, ``"blocks.2.mlp"``).
+
+    Raises:
+        ValueError: no such module; the message lists the closest existing paths.
+    """
+    import difflib
+
+    modules = dict(model.named_modules())
+    if path in modules and path != "":
+        return modules[path]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
+    hint = f"; the closest are: {', '.join(close)}" if close else ""
+    raise ValueError(
+        f"the {role} ({type(model).__name__}) has no layer '{path}'{hint}. "
+        f"`kdistill layers MODEL` or kdistill.taps.list_layers(model, x) lists every path with its output shape"
+        + ("" if close else f" (its top-level layers: {', '.join(n for n in names if '.' not in n)[:300]})")
+    )
+
+
+class FeatureTaps:
+    """Forward hooks that capture the outputs (or, with a ``:input`` suffix, the inputs)
+    of named modules of one model into :attr:`captured`.
+
+    Example::
+
+        taps = FeatureTaps(student, ["layer3", "fc:input"], role="student")
+        with taps:
+            logits = student(x)
+        taps.captured["layer3"]  # (B, C, H, W)
+
+    Args:
+        model: the network.
+        paths: module paths, optionally with ``:input``.
+        role: how the model is named in errors.
+
+    Raises:
+        ValueError: a path that does not exist (closest names listed), at construction.
+    """
+
+    def __init__(self, model: nn.Module, paths, *, role: str = "model"):
+        self.model = model
+        self.paths = sorted(set(paths))
+        self.role = role
+        self.modules = {p: resolve_module(model, split_tap(p)[0], role=role) for p in self.paths}
+        self.captured: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _store(self, path: str, value) -> None:
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            value = value[0]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"the {self.role}'s layer '{path}' produced a {type(value).__name__}, not a tensor; tap another layer")
+        self.captured[path] = value
+
+    def install(self) -> "FeatureTaps":
+        if self._handles:
+            return self
+        for path, module in self.modules.items():
+            if split_tap(path)[1]:
+                self._handles.append(module.register_forward_pre_hook(lambda m, args, p=path: self._store(p, args[0] if args else None)))
+            else:
+                self._handles.append(module.register_forward_hook(lambda m, args, out, p=path: self._store(p, out)))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The tensors captured since the last call (and forget them)."""
+        out, self.captured = self.captured, {}
+        return out
+
+    def __enter__(self) -> "FeatureTaps":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def list_layers(model: nn.Module, sample_input: torch.Tensor) -> list[dict]:
+    """Every named module of ``model`` with the shape of its output on ``sample_input``.
+
+    Args:
+        model: the network (run once, in eval mode, without gradients).
+        sample_input: a batch, e.g. ``torch.zeros(2, 3, 32, 32)``.
+
+    Returns:
+        ``[{"path": "layer1.0.conv1", "type": "Conv2d", "output_shape": [2, 16, 32, 32],
+        "parameters": 2304}, ...]`` in execution order; modules that did not run are left out.
+    """
+    records: dict[str, dict] = {}
+    handles = []
+
+    def hook(path):
+        def fn(module, args, out):
+            if path not in records:
+                value = out[0] if isinstance(out, (tuple, list)) and out else out
+                records[path] = {
+                    "path": path, "type": type(module).__name__,
+                    "output_shape": list(value.shape) if isinstance(value, torch.Tensor) else None,
+                    "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
+                }
+        return fn
+
+    for path, module in model.named_modules():
+        if path:
+            handles.append(module.register_forward_hook(hook(path)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return list(records.values())

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..outputs import Batch, Outputs
-from ..taps import CheckedForward
+from ..taps import CheckedForward, FeatureTaps
 
 
 class LiveTeacher:
@@ -32,6 +32,20 @@ class LiveTeacher:
         module.requires_grad_(False)
         module.eval()
         self._forward = CheckedForward("teacher")
+        self._taps: FeatureTaps | None = None
+
+    def set_taps(self, paths) -> None:
+        """Capture these layers' outputs (``Outputs.features``) on every call; ``[]`` stops.
+
+        Raises:
+            ValueError: a path the teacher does not have (closest names listed).
+        """
+        if self._taps is not None:
+            self._taps.remove()
+            self._taps = None
+        paths = sorted(set(paths))
+        if paths:
+            self._taps = FeatureTaps(self.module, paths, role="teacher").install()
 
     def parameters(self):
         """The teacher's parameters (all frozen)."""
@@ -43,7 +57,8 @@ class LiveTeacher:
             self.module.eval()
         with torch.inference_mode():
             logits = self._forward(self.module, batch.inputs)
-        return Outputs(logits=logits.clone())
+        features = {} if self._taps is None else {k: v.clone() for k, v in self._taps.pop().items()}
+        return Outputs(logits=logits.clone(), features=features)
 
     def __repr__(self) -> str:
         return f"LiveTeacher({type(self.module).__name__})"
