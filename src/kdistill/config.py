@@ -54,7 +54,9 @@ OPTIMIZERS = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "
               "rmsprop": "torch.optim.RMSprop"}
 AUGMENTATIONS = {"random_crop": "kdistill.data.augment.RandomCrop",
                  "horizontal_flip": "kdistill.data.augment.RandomHorizontalFlip",
-                 "gaussian_noise": "kdistill.data.augment.GaussianNoise"}
+                 "gaussian_noise": "kdistill.data.augment.GaussianNoise",
+                 "mixup": "kdistill.data.augment.Mixup",
+                 "cutmix": "kdistill.data.augment.CutMix"}
 CALLBACKS = {"early_stopping": "kdistill.callbacks.EarlyStopping"}
 
 
@@ -292,9 +294,10 @@ class ScheduleSpec(ComponentSpec):
 
 
 class AugmentSpec(ComponentSpec):
-    """A batched tensor augmentation: ``random_crop`` (``padding``), ``horizontal_flip``
-    (``p``), ``gaussian_noise`` (``std``), or a ``_component_`` callable class whose
-    instances map a ``(B, ...)`` batch to a batch."""
+    """A batched augmentation: ``random_crop`` (``padding``), ``horizontal_flip`` (``p``),
+    ``gaussian_noise`` (``std``), ``mixup`` / ``cutmix`` (``alpha``), or a ``_component_``
+    callable class whose instances map a ``(B, ...)`` tensor to a tensor (or, with
+    ``on_batch = True``, a Batch to a Batch)."""
 
     @model_validator(mode="after")
     def _check(self) -> "AugmentSpec":

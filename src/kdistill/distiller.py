@@ -21,7 +21,7 @@ from .errors import NonFiniteLossError
 from .losses import DistillationLoss, SoftTargetLoss, WeightedSum, check_divergence
 from .losses.logits import check_same_classes, check_temperature
 from .metrics import Metric, resolve_metrics
-from .outputs import Batch, Outputs
+from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
 from .taps import CheckedForward, FeatureTaps
 from .teacher import LiveTeacher
@@ -253,6 +253,14 @@ class Trainer:
         """
         if batch.targets is None:
             raise ValueError("training needs labels: pass y to fit, or a dataset that yields (inputs, targets)")
+        if batch.mix is not None:  # mixup / cutmix: both labels, weighted by the mix
+            both = (batch.targets != UNLABELLED) & (batch.mix.targets != UNLABELLED)
+            n = int(both.sum())
+            if n == 0:
+                return logits.new_zeros(()), 0
+            z = logits[both] / self.temperature
+            lam = batch.mix.lam
+            return lam * self.loss_fn(z, batch.targets[both]) + (1 - lam) * self.loss_fn(z, batch.mix.targets[both]), n
         mask = batch.labelled
         if mask is None:
             logits, targets, n = logits, batch.targets, len(batch)
@@ -377,8 +385,10 @@ class Trainer:
                 pass. Used to give two runs the same number of steps on data of different
                 sizes (e.g. a student trained from scratch on a labelled subset, against a
                 distilled one that also sees unlabelled data).
-            augment: ``augment(inputs) -> inputs``, applied once to each training batch on
-                the device (a Distiller's teacher and student see the same augmented view).
+            augment: ``augment(inputs) -> inputs``, or ``augment(batch) -> batch`` for a
+                callable with ``on_batch = True`` (mixup and cutmix, which also mix the
+                labels), applied once to each training batch on the device (a Distiller's
+                teacher and student see the same augmented view).
             resume_from: a training state written by
                 :class:`~kdistill.callbacks.TrainingCheckpoint` (path or dict): model,
                 optimizer, scheduler, RNG states, data position and history are restored
@@ -453,8 +463,9 @@ class Trainer:
             for step in range(start_step if epoch == start_epoch else 0, self._steps_per_epoch):
                 self.step_in_epoch = step
                 batch = self._passes.next().to(self.device)
-                if self.augment is not None:
-                    batch = Batch(self.augment(batch.inputs), batch.targets, batch.index)
+                if self.augment is not None:  # once per batch: teacher and student see the same view
+                    batch = (self.augment(batch) if getattr(self.augment, "on_batch", False)
+                             else Batch(self.augment(batch.inputs), batch.targets, batch.index))
                 self._last_batch_size = len(batch)
                 logs = _to_floats(self.train_step(batch))
                 self._means.update(logs, self._step_weights(batch))

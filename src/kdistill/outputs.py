@@ -16,6 +16,15 @@ UNLABELLED = -1
 
 
 @dataclass
+class Mix:
+    """Second targets of a mixed batch (mixup, cutmix): sample ``i`` is ``lam`` of itself
+    and ``1 - lam`` of another sample whose label is ``targets[i]``."""
+
+    targets: torch.Tensor
+    lam: float
+
+
+@dataclass
 class Batch:
     """One mini-batch.
 
@@ -26,11 +35,14 @@ class Batch:
         index: ``(B,)`` position of each sample in its dataset, so per-sample state (an
             offline teacher cache, a contrastive memory bank) can be looked up; ``None``
             when the source cannot tell.
+        mix: for a batch mixed by mixup/cutmix, the other samples' labels and the mixing
+            weight (the hard-label loss is ``lam * CE(y) + (1 - lam) * CE(y_mix)``).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    mix: Mix | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -38,7 +50,8 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         """Return the batch on ``device`` (non-blocking where that is safe)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.inputs), move(self.targets), move(self.index))
+        mix = None if self.mix is None else Mix(move(self.mix.targets), self.mix.lam)
+        return Batch(move(self.inputs), move(self.targets), move(self.index), mix)
 
     @cached_property
     def labelled(self) -> torch.Tensor | None:
