@@ -593,3 +593,24 @@ def kdistill_build(name, **kwargs):
     from kdistill import build_model
 
     return build_model(name, **kwargs)
+
+
+def test_student_loss_weight_weighs_the_terms_independently():
+    import torch.nn.functional as F
+
+    from kdistill import Distiller, KDLoss, kd_loss
+    from kdistill.outputs import Batch
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    d = Distiller(student=student, teacher=teacher, device="cpu")
+    d.compile(torch.optim.SGD(student.parameters(), lr=0.0), distillation_loss_fn=KDLoss(temperature=2.0),
+              alpha=0.9, student_loss_weight=0.25)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    logs = d.train_step(Batch(x, y))
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    expected = 0.25 * F.cross_entropy(s, y) + kd_loss(s, t, temperature=2.0)
+    assert logs["loss"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="student_loss_weight must be >= 0"):
+        d.compile("adam", student_loss_weight=-1)

@@ -619,6 +619,7 @@ class Distiller(Trainer):
             raise ValueError("teacher and student are the same module; distil into a separate student network")
         self.teacher = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(teacher, self.device)
         self.alpha = 0.1
+        self.student_loss_weight: float | None = None
         self.distillation_loss: DistillationLoss | None = None
         self._pair_checked = False
         self._losses_ready = False
@@ -641,6 +642,7 @@ class Distiller(Trainer):
         learning_rate: float | None = None,
         scheduler: Any = None,
         scheduler_interval: str = "epoch",
+        student_loss_weight: float | None = None,
     ) -> "Distiller":
         """Configure distillation, with the names and meanings of the Keras example.
 
@@ -671,6 +673,12 @@ class Distiller(Trainer):
                 reproduces the unscaled form.
             learning_rate: learning rate when ``optimizer`` is a name.
             scheduler, scheduler_interval: as for :meth:`Trainer.compile`.
+            student_loss_weight: instead of ``alpha``, weigh the terms independently:
+                ``loss = student_loss_weight * student_loss + distillation_loss`` (the
+                distillation losses carry their own weights, e.g. in a
+                :class:`~kdistill.losses.WeightedSum`). This is the research toolkits'
+                convention (RepDistiller's ``-r``, mdistiller's ``CE_WEIGHT``), which
+                the published recipes are given in; ``alpha`` is then ignored.
 
         Returns:
             ``self``.
@@ -692,6 +700,9 @@ class Distiller(Trainer):
                 "optimizer over the student only: torch.optim.Adam(student.parameters())"
             )
         self.alpha = a
+        if student_loss_weight is not None and not float(student_loss_weight) >= 0:
+            raise ValueError(f"student_loss_weight must be >= 0, got {student_loss_weight}")
+        self.student_loss_weight = None if student_loss_weight is None else float(student_loss_weight)
         if isinstance(distillation_loss_fn, DistillationLoss):
             self.distillation_loss = distillation_loss_fn
         else:
@@ -744,7 +755,10 @@ class Distiller(Trainer):
         values = self.check_finite(terms)  # one device sync for every check
         if self.distillation_loss.nonnegative:
             check_divergence(self.distillation_loss.name, values["distillation_loss"])
-        loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
+        if self.student_loss_weight is None:
+            loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
+        else:
+            loss = self.student_loss_weight * student_loss + distillation_loss
         # 4. update the student
         self.optimize(loss)
         logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}

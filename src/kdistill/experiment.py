@@ -473,7 +473,8 @@ def run_experiment(
         dist = Distiller(student=distilled, teacher=teacher, device=device)
         params = list(distilled.parameters()) + [p for p in loss.parameters() if p.requires_grad]
         return dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
-                            alpha=ds.alpha, temperature=ds.temperature, scheduler=sched, scheduler_interval=interval)
+                            alpha=ds.alpha, temperature=ds.temperature, scheduler=sched, scheduler_interval=interval,
+                            student_loss_weight=ds.student_loss_weight)
 
     results["distil"] = _run_stage(
         ctx, "distil", d_fp, distilled, distil_trainer,
