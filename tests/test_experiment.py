@@ -213,3 +213,12 @@ def test_cosine_schedule_with_warmup_follows_the_formula():
     total = epochs * steps - warm * steps
     for i in (0, 7, 15, 29):  # cosine decay after the warm-up: 0.5 * (1 + cos(pi * i / total))
         assert lrs[warm * steps + i] == pytest.approx(0.5 * (1 + math.cos(math.pi * i / total)), abs=1e-6)
+
+
+def test_normalize_standardises_each_channel_with_the_training_statistics():
+    from kdistill.data import load_dataset
+    from kdistill.experiment import normalize_channels
+
+    data = normalize_channels(load_dataset("digits"))
+    assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_train.std()) - 1.0) < 1e-4
+    assert data.x_test.dtype == data.x_train.dtype == "float32"

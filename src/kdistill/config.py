@@ -340,13 +340,14 @@ class CallbackSpec(ComponentSpec):
 class DataConfig(_Strict):
     """Where the data comes from and how it is batched."""
 
-    dataset: str | None = Field(default="fashion_mnist", description="fashion_mnist, mnist, kmnist or digits")
+    dataset: str | None = Field(default="fashion_mnist", description="fashion_mnist, mnist, kmnist, digits, cifar10 or cifar100")
     reader: ReaderSpec | None = Field(
         default=None, description="_component_ returning a kdistill.data.DatasetSplits (instead of dataset)")
     data_dir: str | None = None
     subset: int | None = Field(default=None, ge=1, description="labelled training samples the students see")
     unlabelled: bool = Field(default=False, description="the rest of the training set joins distillation unlabelled")
     augment: list[AugmentSpec] = Field(default_factory=list)
+    normalize: bool = Field(default=False, description="standardise each channel with the training set's mean and std")
     batch_size: int = Field(default=64, ge=1)
     eval_batch_size: int = Field(default=256, ge=1)
 

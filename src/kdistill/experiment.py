@@ -341,13 +341,25 @@ def _write_run_json(run_dir: Path, config: ExperimentConfig, status: str, starte
 
 
 def load_data(config: ExperimentConfig) -> DatasetSplits:
+    """The config's dataset (built-in or from its reader), normalised if asked."""
     d = config.data
     if d.reader is not None:
         data = d.reader.resolve()(**d.reader.kwargs)
         if not isinstance(data, DatasetSplits):
             raise ConfigError(f"data.reader {d.reader.component} returned {type(data).__name__}, not kdistill.data.DatasetSplits")
-        return data
-    return load_dataset(d.dataset, d.data_dir)
+    else:
+        data = load_dataset(d.dataset, d.data_dir)
+    return normalize_channels(data) if d.normalize else data
+
+
+def normalize_channels(data: DatasetSplits) -> DatasetSplits:
+    """Standardise each channel with the training set's mean and std (both splits)."""
+    x = data.x_train
+    axes = (0, *range(2, x.ndim))  # every axis but the channel's
+    mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x.std(axis=axes, keepdims=True, dtype=np.float64) + 1e-8
+    norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    return DatasetSplits(data.name, norm(data.x_train), data.y_train, norm(data.x_test), data.y_test, data.classes)
 
 
 def run_experiment(

@@ -110,7 +110,7 @@ def test_unknown_name_lists_known_and_suggests():
     with pytest.raises(ValueError, match=r"'fashon_mnist'.*fashion_mnist, mnist, kmnist, digits.*"
                                          r"Did you mean 'fashion_mnist'"):
         load_dataset("fashon_mnist")
-    assert DATASETS == ("fashion_mnist", "mnist", "kmnist", "digits")
+    assert DATASETS == ("fashion_mnist", "mnist", "kmnist", "digits", "cifar10", "cifar100")
 
 
 def test_incomplete_folder_does_not_count(tmp_path):

@@ -72,7 +72,7 @@ _IDX_DATASETS: dict[str, _IdxSpec] = {
 _DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 #: Names :func:`load_dataset` knows.
-DATASETS: tuple[str, ...] = (*_IDX_DATASETS, "digits")
+DATASETS: tuple[str, ...] = (*_IDX_DATASETS, "digits", "cifar10", "cifar100")
 
 #: The four IDX files of an MNIST-style dataset, each raw or with ``.gz``.
 _IDX_FILES = {
@@ -378,6 +378,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     may lie in the folder itself, in ``<name>/`` or ``<name-with-dashes>/``, or in
     torchvision's ``FashionMNIST/raw/`` (``MNIST/raw``, ``KMNIST/raw``), raw or gzipped.
     ``digits`` is scikit-learn's 8x8 digits with a fixed stratified 80/20 split.
+    ``cifar10`` / ``cifar100`` read the python-pickle batches (see
+    :func:`kdistill.data.cifar.load_cifar`) from ``data_dir`` or ``$KDISTILL_DATA``.
 
     Args:
         name: dataset name, case-insensitive, ``-`` or ``_`` (``"Fashion-MNIST"``).
@@ -397,4 +399,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     key = _canonical_name(name)
     if key == "digits":
         return _load_digits()
+    if key in ("cifar10", "cifar100"):
+        from .cifar import load_cifar  # cifar.py imports this module
+
+        return load_cifar(key, data_dir)
     return _load_idx_dataset(key, data_dir)

@@ -10,14 +10,31 @@ from typing import Callable
 
 from torch import nn
 
+from .cifar import cifar_resnet, resnet8x4, resnet20, resnet32x4, resnet56, wide_resnet, wrn_16_2, wrn_40_1, wrn_40_2
 from .classic import classic_cnn, classic_student, classic_teacher
 from .mlp import mlp
+from .mobilenetv2 import mobilenetv2
+from .shufflenetv2 import shufflenetv2
+from .vgg import cifar_vgg, vgg8, vgg13
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "classic_teacher": classic_teacher,
     "classic_student": classic_student,
     "classic_cnn": classic_cnn,
     "mlp": mlp,
+    # the CIFAR zoo of the CRD benchmark (RepDistiller's architectures); each model has
+    # model.feature_layers (stage outputs) and model.penultimate_layer (pooled feature)
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_1": wrn_40_1,
+    "wrn_40_2": wrn_40_2,
+    "vgg8": vgg8,
+    "vgg13": vgg13,
+    "mobilenetv2": mobilenetv2,
+    "shufflenetv2": shufflenetv2,
 }
 
 
@@ -47,4 +64,25 @@ def build_model(
     return model
 
 
-__all__ = ["MODELS", "build_model", "classic_cnn", "classic_student", "classic_teacher", "mlp"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "cifar_resnet",
+    "cifar_vgg",
+    "classic_cnn",
+    "classic_student",
+    "classic_teacher",
+    "mlp",
+    "mobilenetv2",
+    "resnet8x4",
+    "resnet20",
+    "resnet32x4",
+    "resnet56",
+    "shufflenetv2",
+    "vgg8",
+    "vgg13",
+    "wide_resnet",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+]
