@@ -198,3 +198,19 @@ def test_layers_cli(capsys):
     assert "2x32x7x7" in out and "6:input" not in out and "<path>:input" in out
     assert main(["layers", "classic_studnet"]) == 1
     assert "did you mean classic_student" in capsys.readouterr().err
+
+
+def test_fitnets_stage_one_trains_on_the_hint_alone():
+    from kdistill.losses.features import HintLoss as FitNets
+
+    hint = FitNets("2", "2", weight=1.0, hint_epochs=1)
+    loss = WeightedSum({"kd": (KDLoss(temperature=4), 1.0), "hint": (hint, 1.0)})
+    d = _distiller(loss)
+    x, y = data()
+    head = d.student[6].weight.detach().clone()
+    d.fit(x, y, epochs=1, batch_size=16, verbose=0, seed=0)
+    # stage 1: the layers after the guided one (the classifier) get no gradient at all
+    assert torch.equal(d.student[6].weight, head)
+    assert not torch.equal(d.student[2].weight, cnn(4, 1)[2].weight)  # the guided layer trained
+    d.fit(x, y, epochs=2, batch_size=16, verbose=0, seed=0, initial_epoch=1)
+    assert not torch.equal(d.student[6].weight, head)  # stage 2: everything trains

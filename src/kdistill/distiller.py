@@ -755,7 +755,10 @@ class Distiller(Trainer):
         values = self.check_finite(terms)  # one device sync for every check
         if self.distillation_loss.nonnegative:
             check_divergence(self.distillation_loss.name, values["distillation_loss"])
-        if self.student_loss_weight is None:
+        solo = [name for name, part in self._named_parts() if part.exclusive]
+        if solo:  # a staged method's first stage (FitNets' hints): its terms alone train
+            loss = sum(parts[n] if parts else distillation_loss for n in solo)
+        elif self.student_loss_weight is None:
             loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         else:
             loss = self.student_loss_weight * student_loss + distillation_loss
@@ -781,6 +784,10 @@ class Distiller(Trainer):
         """The distillation losses (the parts of a :class:`WeightedSum`, or the one loss)."""
         loss = self.distillation_loss
         return list(loss.parts.values()) if isinstance(loss, WeightedSum) else [loss]
+
+    def _named_parts(self) -> list[tuple[str, DistillationLoss]]:
+        loss = self.distillation_loss
+        return list(loss.parts.items()) if isinstance(loss, WeightedSum) else [(loss.name, loss)]
 
     def tapped_layers(self) -> dict[str, list[str]]:
         """``{"student": [paths], "teacher": [paths]}`` the losses read."""

@@ -30,6 +30,9 @@ class DistillationLoss(nn.Module):
       adds them to the optimizer, saves them in checkpoints and never exports them.
     * :meth:`set_progress`: called before every training step with the epoch and global
       step, for losses with a warm-up or a schedule.
+    * :attr:`exclusive`: while true, this loss is the only training signal (the
+      hard-label loss and the other distillation terms are logged but not trained on):
+      a staged method's first stage, e.g. FitNets' hint training.
     """
 
     taps: ClassVar[dict[str, str]] = {}
@@ -51,6 +54,11 @@ class DistillationLoss(nn.Module):
     def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
         """The loss as named terms that sum to it (one term unless overridden)."""
         return {self.name: self(student, teacher, batch)}
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether this loss alone trains the student at this point (default: never)."""
+        return False
 
     def setup(self, student: Outputs, teacher: Outputs) -> None:
         """Build shape-dependent parts from one batch's outputs (default: nothing)."""

@@ -174,8 +174,8 @@ class HintLoss(DistillationLoss):
     **Two stages.** The paper first trains the student up to its guided layer, with the
     regressor, on the hint term alone (stage 1), then the whole student with KD (stage 2).
     ``hint_epochs`` marks stage 1: :attr:`in_hint_stage` is true while ``self.epoch <
-    hint_epochs`` (the Distiller sets ``epoch`` through ``set_progress``), and a training
-    loop reads it to train on this term only. The module itself always returns the hint
+    hint_epochs`` (the Distiller sets ``epoch`` through ``set_progress``), and the
+    Distiller then trains on this term alone (:attr:`exclusive`). The module itself always returns the hint
     term; with the default ``hint_epochs=0`` there is no stage 1 and the term is trained
     jointly with the others throughout, as in CRD's benchmark. A loop of your own::
 
@@ -213,6 +213,11 @@ class HintLoss(DistillationLoss):
     def in_hint_stage(self) -> bool:
         """True during FitNets' stage 1 (``epoch < hint_epochs``): train on this term only."""
         return self.epoch < self.hint_epochs
+
+    @property
+    def exclusive(self) -> bool:
+        """The Distiller trains on the hint term alone during stage 1."""
+        return self.in_hint_stage
 
     def setup(self, student: Outputs, teacher: Outputs) -> None:
         """Build the adapter from one batch's tapped features (kept if the shapes are unchanged).
