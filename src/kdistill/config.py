@@ -171,24 +171,31 @@ def _builtin(kind: str, name: str, table: Mapping[str, str]) -> Callable[..., An
     return resolve_callable(table[name])
 
 
+def _snake(name: str) -> str:
+    """``LogitStandardKD`` -> ``logit_standard_kd``, ``JSDivergence`` -> ``js_divergence``."""
+    import re
+
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
 def builtin_losses() -> dict[str, str]:
-    """``{name: dotted path}`` of the losses ``kdistill.losses`` exports: class names and
-    their short forms (``KDLoss`` -> ``kd``)."""
+    """``{name: dotted path}`` of the losses ``kdistill.losses`` exports: the class name
+    (``DKDLoss``), its short form in snake case (``dkd``, ``logit_standard_kd``) and the
+    aliases a class declares (``HintLoss.aliases = ("fitnets",)``)."""
     from . import losses
-    from .losses.base import DistillationLoss
+    from .losses.base import DistillationLoss, WeightedSum
 
     table: dict[str, str] = {}
     for attr in losses.__all__:
         obj = getattr(losses, attr)
-        if not (inspect.isclass(obj) and issubclass(obj, DistillationLoss)) or obj is DistillationLoss:
+        if not (inspect.isclass(obj) and issubclass(obj, DistillationLoss)) or obj in (DistillationLoss, WeightedSum):
             continue
-        required = [p for n, p in inspect.signature(obj).parameters.items()
-                    if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if not required:  # buildable from YAML keyword arguments alone
-            path = f"kdistill.losses.{attr}"
-            table[attr] = path
-            short = attr[:-4] if attr.endswith("Loss") and len(attr) > 4 else attr
-            table.setdefault(short.lower(), path)
+        path = f"kdistill.losses.{attr}"
+        table[attr] = path
+        short = attr[:-4] if attr.endswith("Loss") and len(attr) > 4 else attr
+        table.setdefault(_snake(short), path)
+        for alias in getattr(obj, "aliases", ()):
+            table.setdefault(alias, path)
     return table
 
 

@@ -605,8 +605,10 @@ class Distiller(Trainer):
 
     Args:
         student: the network to train.
-        teacher: the trained network to learn from (or a teacher object such as
-            :class:`~kdistill.teacher.LiveTeacher`).
+        teacher: the trained network to learn from, or a teacher object: anything callable
+            as ``teacher(batch) -> Outputs`` with a ``parameters()`` method, such as
+            :class:`~kdistill.teacher.LiveTeacher` or a cache of the teacher's outputs
+            looked up by ``batch.index`` (it must then hold the layers the losses tap).
         device: where to train (default: :func:`kdistill.runtime.get_device`).
     """
 
@@ -617,7 +619,13 @@ class Distiller(Trainer):
         super().__init__(student, device=device)
         if teacher is student:
             raise ValueError("teacher and student are the same module; distil into a separate student network")
-        self.teacher = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(teacher, self.device)
+        if isinstance(teacher, nn.Module):
+            teacher = LiveTeacher(teacher, self.device)
+        elif not (callable(teacher) and hasattr(teacher, "parameters")):
+            raise TypeError(
+                f"teacher must be an nn.Module or a teacher object (callable batch -> Outputs, with "
+                f"parameters()), e.g. kdistill.teacher.LiveTeacher; got {type(teacher).__name__}")
+        self.teacher = teacher
         self.alpha = 0.1
         self.student_loss_weight: float | None = None
         self.distillation_loss: DistillationLoss | None = None

@@ -1,26 +1,80 @@
 """Distillation losses: one family per file, a pure function beside each module.
 
-Built-in names resolve through this module's exports; your own loss is any
-:class:`DistillationLoss` subclass.
+* ``logits.py``: KD (Hinton et al. 2015), DKD, DIST, logit-standardised KD, reverse KL,
+  Jensen-Shannon;
+* ``features.py``: FitNets hints, attention transfer (AT), NST, VID, factor transfer (FT);
+* ``relations.py``: SP, RKD (distance + angle), PKT, CC;
+* ``contrastive.py``: CRD with its memory bank.
+
+Built-in names (in YAML: ``{name: dkd}`` or ``{name: DKDLoss}``) resolve through this
+module's exports; your own loss is any :class:`DistillationLoss` subclass.
 """
 
 from .base import DistillationLoss, WeightedSum
+from .features import (
+    ATLoss,
+    FTLoss,
+    HintLoss,
+    NSTLoss,
+    Paraphraser,
+    VIDLoss,
+    at_loss,
+    attention_map,
+    ft_loss,
+    hint_loss,
+    nst_loss,
+    vid_loss,
+)
 from .logits import (
+    DISTLoss,
+    DKDLoss,
+    JSDivergenceLoss,
     KDLoss,
     KLDivergence,
+    LogitStandardKDLoss,
+    ReverseKLLoss,
     SoftTargetLoss,
     check_divergence,
+    dist_loss,
+    dkd_loss,
+    js_divergence_loss,
     kd_loss,
     kl_divergence,
+    ls_kd_loss,
+    reverse_kl_loss,
+    standardize_logits,
 )
 
 __all__ = [
+    "ATLoss",
+    "DISTLoss",
+    "DKDLoss",
     "DistillationLoss",
+    "FTLoss",
+    "HintLoss",
+    "JSDivergenceLoss",
     "KDLoss",
     "KLDivergence",
+    "LogitStandardKDLoss",
+    "NSTLoss",
+    "Paraphraser",
+    "ReverseKLLoss",
     "SoftTargetLoss",
+    "VIDLoss",
     "WeightedSum",
+    "at_loss",
+    "attention_map",
     "check_divergence",
+    "dist_loss",
+    "dkd_loss",
+    "ft_loss",
+    "hint_loss",
+    "js_divergence_loss",
     "kd_loss",
     "kl_divergence",
+    "ls_kd_loss",
+    "nst_loss",
+    "reverse_kl_loss",
+    "standardize_logits",
+    "vid_loss",
 ]

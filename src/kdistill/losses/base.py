@@ -37,6 +37,8 @@ class DistillationLoss(nn.Module):
 
     taps: ClassVar[dict[str, str]] = {}
     nonnegative: ClassVar[bool] = True
+    #: Other names the loss is known by in configs (``{name: fitnets}``).
+    aliases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()

@@ -197,6 +197,7 @@ class HintLoss(DistillationLoss):
     """
 
     nonnegative: ClassVar[bool] = True
+    aliases: ClassVar[tuple[str, ...]] = ("fitnets", "fitnet")
 
     def __init__(self, student_layer: str, teacher_layer: str, *, weight: float = 100.0, hint_epochs: int = 0):
         super().__init__()
