@@ -11,6 +11,7 @@ module's exports; your own loss is any :class:`DistillationLoss` subclass.
 """
 
 from .base import DistillationLoss, WeightedSum
+from .contrastive import CRDLoss, EmbedHead, crd_loss, nce_loss
 from .features import (
     ATLoss,
     FTLoss,
@@ -44,12 +45,27 @@ from .logits import (
     reverse_kl_loss,
     standardize_logits,
 )
+from .relations import (
+    CCLoss,
+    PKTLoss,
+    RKDLoss,
+    SPLoss,
+    cc_loss,
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+    sp_loss,
+)
 
 __all__ = [
     "ATLoss",
+    "CCLoss",
+    "CRDLoss",
     "DISTLoss",
     "DKDLoss",
     "DistillationLoss",
+    "EmbedHead",
     "FTLoss",
     "HintLoss",
     "JSDivergenceLoss",
@@ -57,14 +73,19 @@ __all__ = [
     "KLDivergence",
     "LogitStandardKDLoss",
     "NSTLoss",
+    "PKTLoss",
     "Paraphraser",
+    "RKDLoss",
     "ReverseKLLoss",
+    "SPLoss",
     "SoftTargetLoss",
     "VIDLoss",
     "WeightedSum",
     "at_loss",
     "attention_map",
+    "cc_loss",
     "check_divergence",
+    "crd_loss",
     "dist_loss",
     "dkd_loss",
     "ft_loss",
@@ -73,8 +94,14 @@ __all__ = [
     "kd_loss",
     "kl_divergence",
     "ls_kd_loss",
+    "nce_loss",
     "nst_loss",
+    "pkt_loss",
     "reverse_kl_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
+    "sp_loss",
     "standardize_logits",
     "vid_loss",
 ]
