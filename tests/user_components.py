@@ -59,3 +59,16 @@ def synthetic_splits(n_train: int = 240, n_test: int = 120, seed: int = 0):
 
     (xa, ya), (xb, yb) = make(n_train), make(n_test)
     return DatasetSplits("synthetic", xa, ya, xb, yb, ("top", "middle", "bottom"))
+
+
+def synthetic_rgb(n_train: int = 16, n_test: int = 8, classes: int = 100, size: int = 32, seed: int = 0):
+    """CIFAR-shaped random data (3x32x32, 100 classes) for pipeline tests."""
+    import numpy as np
+
+    from kdistill.data import DatasetSplits
+
+    rng = np.random.default_rng(seed)
+    x = rng.random((n_train + n_test, 3, size, size), dtype=np.float32)
+    y = rng.integers(0, classes, n_train + n_test).astype(np.int64)
+    return DatasetSplits("synthetic_rgb", x[:n_train], y[:n_train], x[n_train:], y[n_train:],
+                         tuple(f"c{i}" for i in range(classes)))
