@@ -11,6 +11,7 @@ from kdistill import Distiller, KDLoss, WeightedSum
 from kdistill.adapters import MapAdapter, make_adapter
 from kdistill.callbacks import Callback, TrainingCheckpoint
 from kdistill.cli import main
+from kdistill.outputs import Batch
 from kdistill.losses import DistillationLoss
 from kdistill.taps import FeatureTaps, list_layers, resolve_module
 
@@ -214,3 +215,32 @@ def test_fitnets_stage_one_trains_on_the_hint_alone():
     assert not torch.equal(d.student[2].weight, cnn(4, 1)[2].weight)  # the guided layer trained
     d.fit(x, y, epochs=2, batch_size=16, verbose=0, seed=0, initial_epoch=1)
     assert not torch.equal(d.student[6].weight, head)  # stage 2: everything trains
+
+
+def test_factor_transfer_pretrains_its_paraphraser_once_inside_fit(tmp_path):
+    from kdistill.losses import FTLoss
+
+    ft = FTLoss("2", "2", pretrain_epochs=2, pretrain_lr=0.05)
+    d = _distiller(ft)
+    x, y = data()
+    d.setup(x[:16])
+    before = {k: v.clone() for k, v in ft.paraphraser.state_dict().items()}
+    # its reconstruction error before and after the stage the Distiller runs
+    with torch.no_grad():
+        t = d.teacher(Batch(x))
+        error_before = float(ft.paraphraser_loss(t.features["2"]))
+    path = tmp_path / "last.pt"
+    d.fit(x, y, epochs=1, batch_size=16, verbose=0, seed=0, callbacks=[TrainingCheckpoint(path)])
+    assert bool(ft.pretrained) and not ft.needs_pretraining
+    assert any(not torch.equal(v, before[k]) for k, v in ft.paraphraser.state_dict().items())
+    with torch.no_grad(), FeatureTaps(d.teacher.module, ["2"]) as taps:  # fit removed its own taps
+        d.teacher.module(x)
+        error_after = float(ft.paraphraser_loss(taps.captured["2"]))
+    assert error_after < error_before
+    # a resumed run finds the stage done and does not repeat it
+    ft2 = FTLoss("2", "2", pretrain_epochs=2, pretrain_lr=0.05)
+    d2 = _distiller(ft2)
+    d2.fit(x, y, epochs=1, batch_size=16, verbose=0, seed=0, resume_from=path)
+    assert bool(ft2.pretrained)
+    for k, v in ft2.paraphraser.state_dict().items():
+        assert torch.equal(v, ft.paraphraser.state_dict()[k]), k

@@ -435,6 +435,7 @@ class Trainer:
         self._before_training(train, generator)  # a Distiller installs taps, sets up its losses
         if resume_from is not None:
             self._restore_training_state(resume_from)  # sets epoch, step, history, RNG, data position
+        self._after_restore(train, generator)  # a loss's own pre-training stage, if it has not run
         start_epoch, start_step = self.epoch, self.step_in_epoch
         try:
             self._train_epochs(cbs, val, epochs, start_epoch, start_step)
@@ -447,6 +448,9 @@ class Trainer:
 
     def _after_training(self) -> None:
         """Called by :meth:`fit` when training ends, normally or not."""
+
+    def _after_restore(self, train: Any, generator: torch.Generator) -> None:
+        """Called by :meth:`fit` after a resume was restored (or where it would be)."""
 
     def _train_epochs(self, cbs: list, val: Any, epochs: int, start_epoch: int, start_step: int) -> None:
         for cb in cbs:
@@ -826,6 +830,31 @@ class Distiller(Trainer):
             generator.set_state(saved_gen)
             set_rng_state(saved_rng)
             self.setup(batch)
+
+    def _after_restore(self, train: Any, generator: torch.Generator) -> None:
+        """Run the pre-training stage of every loss that has one and has not run it
+        (factor transfer's paraphraser), over the training data as the teacher sees it.
+        Neither the data order nor the global RNG of the distillation that follows moves."""
+        pending = [p for p in self.loss_parts() if p.needs_pretraining]
+        if not pending:
+            return
+        from .runtime import rng_state, set_rng_state
+
+        saved_gen, saved_rng = generator.get_state(), rng_state()
+        for part in pending:
+            optimizer = part.pretrain_optimizer()
+            part.train()
+            for _ in range(part.pretrain_epochs):
+                for batch in train:
+                    batch = batch.to(self.device)
+                    loss = part.pretrain_loss(self.teacher(batch), batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            part.finish_pretraining()
+        self._pop_student_features()
+        generator.set_state(saved_gen)
+        set_rng_state(saved_rng)
 
     def _after_training(self) -> None:
         if self._student_taps is not None:

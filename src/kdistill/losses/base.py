@@ -33,6 +33,10 @@ class DistillationLoss(nn.Module):
     * :attr:`exclusive`: while true, this loss is the only training signal (the
       hard-label loss and the other distillation terms are logged but not trained on):
       a staged method's first stage, e.g. FitNets' hint training.
+    * :attr:`needs_pretraining`, :meth:`pretrain_loss`, :meth:`pretrain_optimizer`: a
+      stage the loss runs on its own parts before distillation starts (factor transfer's
+      paraphraser); the Distiller runs it once, after set-up (and after a resume, which
+      finds it done).
     """
 
     taps: ClassVar[dict[str, str]] = {}
@@ -61,6 +65,25 @@ class DistillationLoss(nn.Module):
     def exclusive(self) -> bool:
         """Whether this loss alone trains the student at this point (default: never)."""
         return False
+
+    #: Epochs of the loss's own pre-training stage (0: none).
+    pretrain_epochs: int = 0
+
+    @property
+    def needs_pretraining(self) -> bool:
+        """Whether the Distiller must run :meth:`pretrain_loss` before distilling."""
+        return False
+
+    def pretrain_loss(self, teacher: Outputs, batch: Batch) -> torch.Tensor:  # pragma: no cover
+        """The pre-training stage's loss on one batch (its gradient reaches the loss's parts)."""
+        raise NotImplementedError
+
+    def pretrain_optimizer(self) -> torch.optim.Optimizer:  # pragma: no cover
+        """The optimizer of the pre-training stage."""
+        raise NotImplementedError
+
+    def finish_pretraining(self) -> None:
+        """Mark the pre-training stage done (saved with the loss's state)."""
 
     def setup(self, student: Outputs, teacher: Outputs) -> None:
         """Build shape-dependent parts from one batch's outputs (default: nothing)."""

@@ -696,8 +696,11 @@ class FTLoss(DistillationLoss):
     feature (:meth:`paraphraser_loss`, a mean squared error; CRD's runs: 30 epochs of SGD
     at learning rate 0.01), then frozen while the translator is trained with the student on
     this loss. ``forward`` computes the teacher factor without gradients, so the
-    paraphraser never changes there (optimizers skip parameters without gradients). Stage
-    1 with the building blocks::
+    paraphraser never changes there (optimizers skip parameters without gradients). With
+    ``pretrain_epochs > 0`` the Distiller runs stage 1 itself before distilling (SGD at
+    ``pretrain_lr``, over the training data as the teacher sees it), once: the
+    ``pretrained`` flag is saved with the loss, so a resumed run does not repeat it. Stage
+    1 by hand, with the building blocks::
 
         ft = FTLoss("layer3", "layer3")
         distiller.compile(optimizer, distillation_loss_fn=ft, alpha=...)
@@ -719,6 +722,9 @@ class FTLoss(DistillationLoss):
             (0.5, the paper's and CRD's value).
         p: order of the norm between normalised factors (1).
         weight: scale of the loss (CRD's CIFAR-100 setting: 200).
+        pretrain_epochs: epochs of stage 1 the Distiller runs before distilling (CRD: 30;
+            default 0: none, pre-train by hand or accept a random paraphraser).
+        pretrain_lr: stage 1's SGD learning rate (CRD: 0.01).
 
     Raises:
         ValueError: ``rate <= 0``, ``p <= 0`` or ``weight < 0``.
@@ -726,8 +732,14 @@ class FTLoss(DistillationLoss):
 
     nonnegative: ClassVar[bool] = True
 
-    def __init__(self, student_layer: str, teacher_layer: str, *, rate: float = 0.5, p: float = 1.0, weight: float = 200.0):
+    def __init__(self, student_layer: str, teacher_layer: str, *, rate: float = 0.5, p: float = 1.0, weight: float = 200.0,
+                 pretrain_epochs: int = 0, pretrain_lr: float = 0.01):
         super().__init__()
+        self.pretrain_epochs = _check_int(
+            "pretrain_epochs", pretrain_epochs, low=0,
+            hint="the epochs the paraphraser trains alone before distillation (CRD's runs: 30; 0: none)")
+        self.pretrain_lr = _check_number("pretrain_lr", pretrain_lr, hint="the paraphraser's SGD learning rate (CRD: 0.01)")
+        self.register_buffer("pretrained", torch.zeros((), dtype=torch.bool))
         self.taps = {"student": student_layer, "teacher": teacher_layer}
         self.rate = _check_number(
             "rate", rate, hint="the paraphrase rate k: the factors have int(k * C) channels (Kim et al. use 0.5)"
@@ -760,6 +772,24 @@ class FTLoss(DistillationLoss):
         self.paraphraser = Paraphraser(ct, k).to(device=s.device, dtype=dtype)
         self.translator = _conv_stack([cs, cs, k, k], batch_norm=True).to(device=s.device, dtype=dtype)
         self._shapes = (cs, ct)
+
+    @property
+    def needs_pretraining(self) -> bool:
+        """True until the paraphraser has had its ``pretrain_epochs`` (the Distiller runs them)."""
+        return self.pretrain_epochs > 0 and not bool(self.pretrained)
+
+    def pretrain_loss(self, teacher: Outputs, batch: Batch) -> torch.Tensor:
+        """Stage 1 inside the Distiller: :meth:`paraphraser_loss` on the teacher's tapped layer."""
+        return self.paraphraser_loss(teacher.features[self.taps["teacher"]])
+
+    def pretrain_optimizer(self) -> torch.optim.Optimizer:
+        """SGD over the paraphraser (CRD's settings: momentum 0.9, weight decay 5e-4)."""
+        if self.paraphraser is None:
+            raise _not_set_up(self.name, "paraphraser")
+        return torch.optim.SGD(self.paraphraser.parameters(), lr=self.pretrain_lr, momentum=0.9, weight_decay=5e-4)
+
+    def finish_pretraining(self) -> None:
+        self.pretrained.fill_(True)
 
     def paraphraser_loss(self, teacher_feature: torch.Tensor) -> torch.Tensor:
         """Stage 1: the paraphraser's reconstruction error ``mean((P(t) - t)^2)``.
