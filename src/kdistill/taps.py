@@ -174,7 +174,8 @@ def list_layers(model: nn.Module, sample_input: torch.Tensor) -> list[dict]:
 
     Returns:
         ``[{"path": "layer1.0.conv1", "type": "Conv2d", "output_shape": [2, 16, 32, 32],
-        "parameters": 2304}, ...]`` in execution order; modules that did not run are left out.
+        "parameters": 2304}, ...]`` in execution order (parameters of the module and its
+        children); modules that did not run are left out.
     """
     records: dict[str, dict] = {}
     handles = []
@@ -186,7 +187,7 @@ def list_layers(model: nn.Module, sample_input: torch.Tensor) -> list[dict]:
                 records[path] = {
                     "path": path, "type": type(module).__name__,
                     "output_shape": list(value.shape) if isinstance(value, torch.Tensor) else None,
-                    "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
+                    "parameters": sum(p.numel() for p in module.parameters()),
                 }
         return fn
 
