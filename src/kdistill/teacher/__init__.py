@@ -1,5 +1,7 @@
-"""Teachers: a live network (``LiveTeacher``); offline caches come beside it."""
+"""Teachers: a live network (``LiveTeacher``) and an offline cache of its outputs
+(``TeacherCache`` builds and opens one, ``CachedTeacher`` serves it)."""
 
+from .cache import CacheError, CachedTeacher, CacheMismatchError, TeacherCache
 from .live import LiveTeacher
 
-__all__ = ["LiveTeacher"]
+__all__ = ["CacheError", "CacheMismatchError", "CachedTeacher", "LiveTeacher", "TeacherCache"]
