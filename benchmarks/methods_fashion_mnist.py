@@ -14,8 +14,7 @@ by sample index: what an offline teacher cache does. No augmentation, so a cache
 is exactly what the live teacher would give.
 
 Taps: student ``4`` (its last conv, 32x7x7) against teacher ``4`` (512x7x7) for the
-feature methods and SP (FT first pre-trains its paraphraser for one epoch on the cached
-teacher features); penultimate vectors (``6:input`` for both, the flattened
+feature methods and SP (FT's paraphraser first pre-trains for one epoch, not CRD's 30); penultimate vectors (``6:input`` for both, the flattened
 last conv) for RKD, PKT, CC and CRD.
 
     python benchmarks/methods_fashion_mnist.py [--teacher-checkpoint PATH] [--seeds 0 1 2]
@@ -95,7 +94,7 @@ def methods(n_data: int) -> dict[str, tuple[dict, Callable[[], object] | None]]:
         "at": (ce1, lambda: L.ATLoss(S_MAP, T_MAP)),
         "nst": (ce1, lambda: L.NSTLoss(S_MAP, T_MAP)),
         "vid": (ce1, lambda: L.VIDLoss(S_MAP, T_MAP)),
-        "ft": (ce1, lambda: L.FTLoss(S_MAP, T_MAP)),
+        "ft": (ce1, lambda: L.FTLoss(S_MAP, T_MAP, pretrain_epochs=1)),
         "sp": (ce1, lambda: L.SPLoss(S_MAP, T_MAP)),
         "rkd": (ce1, lambda: L.RKDLoss(S_VEC, T_VEC)),
         "pkt": (ce1, lambda: L.PKTLoss(S_VEC, T_VEC)),
@@ -110,21 +109,6 @@ def methods(n_data: int) -> dict[str, tuple[dict, Callable[[], object] | None]]:
             continue
         table[name] = spec
     return table
-
-
-def pretrain_paraphraser(distiller, ft, cached, x, y, seed: int, epochs: int = 1) -> None:
-    """Factor transfer's stage 1: the paraphraser learns to reconstruct the teacher's
-    feature (Adam lr 1e-3 here, one epoch over the cached features), then stays fixed."""
-    distiller.setup(Batch(x[:64], y[:64], torch.arange(64)))  # builds paraphraser and translator
-    feats = cached.features[T_MAP]
-    opt = torch.optim.Adam(ft.paraphraser.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for rows in torch.randperm(len(feats), generator=g).split(64):
-            loss = ft.paraphraser_loss(feats[rows].float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
 
 
 def train_teacher(x, y, epochs: int, seed: int) -> torch.nn.Module:
@@ -196,8 +180,6 @@ def main() -> None:
                 loss = make_loss()
                 trainer.compile(torch.optim.Adam(student.parameters(), lr=1e-3), metrics=["accuracy"],
                                 distillation_loss_fn=loss, **kwargs)
-                if name == "ft":
-                    pretrain_paraphraser(trainer, loss, cached, x_lab, y_lab, seed)
                 trainer.fit(x_lab, y_lab, epochs=args.epochs, batch_size=64, seed=seed, verbose=0)
             seconds = time.perf_counter() - t0
             acc = accuracy(student, x_test, y_test)

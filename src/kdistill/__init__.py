@@ -35,12 +35,13 @@ from .losses import DistillationLoss, KDLoss, KLDivergence, WeightedSum, kd_loss
 from .models import build_model
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
-from .teacher import LiveTeacher
+from .teacher import CachedTeacher, LiveTeacher, TeacherCache
 
 __all__ = [
     "__version__",
     "Batch",
     "CSVLogger",
+    "CachedTeacher",
     "Callback",
     "CheckpointError",
     "ConfigError",
@@ -64,6 +65,7 @@ __all__ = [
     "Outputs",
     "ProgressBar",
     "RunDirectoryError",
+    "TeacherCache",
     "Trainer",
     "TrainingCheckpoint",
     "UNLABELLED",
