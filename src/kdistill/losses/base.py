@@ -109,7 +109,8 @@ class DistillationLoss(nn.Module):
                 raise KeyError(
                     f"{self.name} needs the {role}'s '{path}' output, but the {role}'s outputs hold "
                     f"{sorted(outputs.features) or 'no features'}: run it inside a Distiller (which installs "
-                    f"the taps) or capture the layer with kdistill.taps.capture"
+                    f"the taps), capture the layer with kdistill.taps.FeatureTaps, or, for a teacher cache, build "
+                    f"it with that layer (TeacherCache.build(..., features=['{path}']))"
                 )
             out.append(outputs.features[path])
         return out[0], out[1]
