@@ -1,0 +1,117 @@
+"""What an offline teacher cache buys: distillation throughput with and without the teacher.
+
+In one process, on the classic Keras-example models, batch 64, timed interleaved over
+``--repeats`` steps after warm-up (medians):
+
+* ``student``: a plain training step of the student (``Trainer.train_step``);
+* ``online``: a ``Distiller.train_step`` with the live teacher;
+* ``cached_full``: the same with a :class:`~kdistill.teacher.CachedTeacher` of float16 full logits;
+* ``cached_topk``: the same with a top-k cache (k = 5 of 10 classes, float16);
+
+plus the cache build time against one plain teacher pass over the same samples. Ratios to
+the plain student step are what the issue's targets are about (cached >= 0.9 x student;
+build <= 1.1 x one teacher pass).
+
+    python benchmarks/cache_speed.py [--samples 4096] [--repeats 30] [--out benchmarks/results/cache_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kdistill import Distiller, Trainer, build_model, load_checkpoint
+from kdistill.checkpoint import atomic_write_text
+from kdistill.outputs import Batch
+from kdistill.runtime import machine_description, seed_everything
+from kdistill.teacher import TeacherCache
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=4096, help="samples in the cache (random images)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--teacher-checkpoint", default=str(HERE / ".cache" / "classic_teacher.pt"),
+                   help="a trained classic_teacher (random weights if missing: speed does not depend on them)")
+    p.add_argument("--out", default=str(HERE / "results" / "cache_speed.json"))
+    args = p.parse_args()
+
+    # 1. models and data
+    seed_everything(0)
+    teacher = build_model("classic_teacher")
+    if Path(args.teacher_checkpoint).is_file():
+        load_checkpoint(args.teacher_checkpoint, teacher)
+    x = torch.rand(args.samples, 1, 28, 28)
+    y = torch.randint(0, 10, (args.samples,))
+    tmp = Path(tempfile.mkdtemp(prefix="kdistill-cache-bench-"))
+    try:
+        # 2. one plain teacher pass, then the cache builds over the same samples
+        teacher.eval()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, args.samples, 256):
+                teacher(x[i : i + 256])
+        teacher_pass = time.perf_counter() - start
+        start = time.perf_counter()
+        full = TeacherCache.build(teacher, x, tmp / "full", mode="full", dtype="float16", device="cpu")
+        build_full = time.perf_counter() - start
+        start = time.perf_counter()
+        topk = TeacherCache.build(teacher, x, tmp / "topk", mode="topk", k=5, dtype="float16", device="cpu")
+        build_topk = time.perf_counter() - start
+
+        # 3. the four steps, interleaved so the machine's noise hits them alike
+        def distiller(t):
+            student = build_model("classic_student")
+            d = Distiller(student=student, teacher=t, device="cpu")
+            return d.compile("adam", alpha=0.1, temperature=4)
+
+        plain = Trainer(build_model("classic_student"), device="cpu").compile("adam")
+        cases = {"student": plain, "online": distiller(teacher), "cached_full": distiller(full),
+                 "cached_topk": distiller(topk)}
+        n_batches = args.samples // args.batch_size
+        batches = [Batch(x[i * args.batch_size:(i + 1) * args.batch_size], y[i * args.batch_size:(i + 1) * args.batch_size],
+                         torch.arange(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(n_batches)]
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for r in range(args.repeats + 3):
+            batch = batches[r % n_batches]
+            for name, trainer in cases.items():
+                start = time.perf_counter()
+                trainer.train_step(batch)
+                if r >= 3:  # warm-up
+                    times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        sps = {k: args.batch_size / v for k, v in med.items()}
+        result = {
+            "benchmark": "cache_speed",
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "samples": args.samples,
+            "median_step_seconds": med,
+            "samples_per_second": sps,
+            "ratio_to_student": {k: sps[k] / sps["student"] for k in sps},
+            "teacher_pass_seconds": teacher_pass,
+            "build_seconds": {"full_float16": build_full, "topk5_float16": build_topk},
+            "build_over_teacher_pass": {"full_float16": build_full / teacher_pass, "topk5_float16": build_topk / teacher_pass},
+            "bytes_per_sample": {"full_float16": full.bytes_per_sample, "topk5_float16": topk.bytes_per_sample},
+            "machine": machine_description(),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(args.out, json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("samples_per_second", "ratio_to_student", "build_over_teacher_pass",
+                                             "bytes_per_sample")}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
