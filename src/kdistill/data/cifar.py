@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetNotFoundError
-from .datasets import DATA_ENV, DatasetSplits
+from .datasets import DATA_ENV, DatasetSplits, data_roots
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "cifar_normalize", "load_cifar"]
 
@@ -190,14 +190,8 @@ def _read_classes(path: Path, spec: _CifarSpec) -> tuple[str, ...]:
 
 
 def _candidate_folders(spec: _CifarSpec, data_dir: str | os.PathLike | None) -> list[Path]:
-    roots = []
-    if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
-    env = os.environ.get(DATA_ENV)
-    if env:
-        roots.append(Path(env).expanduser())
     folders = []
-    for root in roots:
+    for root in data_roots(data_dir):
         folders += [root, root / spec.folder]
     return list(dict.fromkeys(folders))
 

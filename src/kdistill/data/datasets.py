@@ -268,16 +268,21 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _candidate_folders(name: str, spec: _IdxSpec, data_dir: str | os.PathLike | None):
-    """Folders to search for ``name``'s IDX files, in order, without duplicates."""
+def data_roots(data_dir: str | os.PathLike | None) -> list[Path]:
+    """The folders a dataset is looked for in first: ``data_dir``, then ``$KDISTILL_DATA``."""
     roots = []
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
     env = os.environ.get(DATA_ENV)
     if env:
         roots.append(Path(env).expanduser())
+    return roots
+
+
+def _candidate_folders(name: str, spec: _IdxSpec, data_dir: str | os.PathLike | None):
+    """Folders to search for ``name``'s IDX files, in order, without duplicates."""
     folders = []
-    for root in roots:
+    for root in data_roots(data_dir):
         folders += [
             root,
             root / name,

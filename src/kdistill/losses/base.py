@@ -10,6 +10,21 @@ from torch import nn
 from ..outputs import Batch, Outputs
 
 
+def check_same_batch(method: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Raise a ``ValueError`` unless the two features hold the same number of samples.
+
+    Args:
+        method: the loss's name, for the message.
+        student, teacher: ``(B, ...)`` tapped features.
+    """
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"{method} compares the same samples in both models, but the student's feature holds "
+            f"{student.shape[0]} samples (shape {tuple(student.shape)}) and the teacher's {teacher.shape[0]} "
+            f"(shape {tuple(teacher.shape)}); both must come from the same batch"
+        )
+
+
 class DistillationLoss(nn.Module):
     """Base class of distillation losses: ``forward(student, teacher, batch) -> Tensor``.
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..adapters import make_adapter
 from ..outputs import Batch, Outputs
-from .base import DistillationLoss
+from .base import DistillationLoss, check_same_batch
 
 # --------------------------------------------------------------------------- checks
 
@@ -89,11 +89,7 @@ def _check_maps(method: str, student: torch.Tensor, teacher: torch.Tensor) -> No
                 f"{method} compares feature maps of shape (B, C, H, W), but the {role}'s feature has shape "
                 f"{tuple(x.shape)}: tap a convolutional layer (`kdistill layers MODEL` lists the shapes)"
             )
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"{method}: the student's feature holds {student.shape[0]} samples and the teacher's "
-            f"{teacher.shape[0]}; both must come from the same batch"
-        )
+    check_same_batch(method, student, teacher)
 
 
 def match_spatial(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..outputs import Batch, Outputs
-from .base import DistillationLoss
+from .base import DistillationLoss, check_same_batch
 
 #: Clamp of squared pairwise distances before the square root (RepDistiller's ``pdist``):
 #: keeps the gradient of ``sqrt`` finite for coincident points.
@@ -65,12 +65,7 @@ def flatten_pair(student: torch.Tensor, teacher: torch.Tensor, method: str) -> t
                 f"{method} needs {role} features of shape (B, ...) with a batch axis and at least one "
                 f"feature axis, got shape {tuple(x.shape)}; tap a layer that outputs one vector or map per sample"
             )
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"{method} compares the same samples in both models, but the student's features hold "
-            f"{student.shape[0]} samples (shape {tuple(student.shape)}) and the teacher's {teacher.shape[0]} "
-            f"(shape {tuple(teacher.shape)}); feed both models the same batch"
-        )
+    check_same_batch(method, student, teacher)
     b = student.shape[0]
     # (B, C, H, W) or (B, T, D) -> (B, C*H*W) / (B, T*D)
     return (
