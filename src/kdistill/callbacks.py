@@ -23,6 +23,10 @@ class Callback:
     """Base class: override the hooks you need."""
 
     trainer: Any = None
+    #: In a multi-process run, only rank 0 runs this callback (set it on callbacks that
+    #: write files or print; callbacks that decide, such as early stopping, run on every
+    #: process and see the same, reduced, logs).
+    main_process_only: bool = False
 
     def set_trainer(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -73,6 +77,8 @@ class ProgressBar(Callback):
     Args:
         verbose: 1 for a bar per epoch, 2 for one line per epoch.
     """
+
+    main_process_only = True
 
     def __init__(self, verbose: int = 1):
         self.verbose = verbose
@@ -133,6 +139,8 @@ class CSVLogger(Callback):
     ``fit`` starts from the epochs its restored history holds, so no row is lost or doubled.
     """
 
+    main_process_only = True
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.rows: list[dict] = []
@@ -155,6 +163,8 @@ class CSVLogger(Callback):
 class JSONLogger(Callback):
     """Writes one JSON object per epoch to a JSON-lines file (rewritten atomically;
     a resumed ``fit`` keeps the epochs its restored history holds)."""
+
+    main_process_only = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -200,6 +210,8 @@ class ModelCheckpoint(Callback):
         save_best_only: only write when ``monitor`` improved.
         save_optimizer: include the optimizer state (for resuming).
     """
+
+    main_process_only = True
 
     def __init__(
         self,
@@ -304,6 +316,8 @@ class TrainingCheckpoint(Callback):
         every_seconds: save when this many seconds passed since the last save (``None``:
             not by time).
     """
+
+    main_process_only = True
 
     def __init__(self, path: str | os.PathLike, *, every_steps: int | None = None, every_seconds: float | None = None):
         if every_steps is not None and (not isinstance(every_steps, int) or every_steps < 1):

@@ -394,6 +394,35 @@ class ScratchStage(StageConfig):
         default=True, description="with unlabelled data, give the scratch student as many steps as the distilled one")
 
 
+class TeacherCacheConfig(_Strict):
+    """Distil from an offline cache of the teacher's outputs (one teacher pass, then every
+    distillation epoch costs about what plain student training costs).
+
+    The cache is built over the distil stage's training data (labelled, then unlabelled)
+    with the layers the losses tap, or opened if it exists and matches; top-k caches store
+    the tail at the stage's temperature, so the softened top-k distribution is exact.
+    With ``data.augment`` the cache must hold ``views`` augmented views per sample (epoch
+    ``e`` trains on view ``e mod views``).
+    """
+
+    mode: Literal["full", "topk"] = Field(default="full", description="full logits, or the top k and a tail bucket")
+    k: int | None = Field(default=None, ge=1, description="classes kept per sample (mode: topk)")
+    dtype: Literal["float16", "float32"] = "float16"
+    views: int = Field(default=0, ge=0, description="augmented views per sample; needed with data.augment")
+    path: str | None = Field(
+        default=None, description="cache directory (built there if missing); default: teacher_caches/ beside the "
+        "stage store, or RUN_DIR/teacher_cache without a store")
+    batch_size: int = Field(default=256, ge=1, description="samples per teacher forward while building")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherCacheConfig":
+        if self.mode == "topk" and self.k is None:
+            raise ValueError("mode: topk needs k, the classes kept per sample (e.g. k: 5)")
+        if self.mode == "full" and self.k is not None:
+            raise ValueError("k is only used with mode: topk")
+        return self
+
+
 class DistilStage(StageConfig):
     epochs: int = Field(default=2, ge=1)
     alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="weight of the hard-label loss")
@@ -403,6 +432,15 @@ class DistilStage(StageConfig):
     temperature: float = Field(default=4.0, gt=0)
     temperature_squared: bool = True
     losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="kd")], min_length=1)
+    teacher_cache: TeacherCacheConfig | None = Field(
+        default=None, description="distil from an offline cache of the teacher's outputs (true: the defaults)")
+
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _cache_flag(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class Stages(_Strict):
@@ -445,6 +483,21 @@ class ExperimentConfig(_Strict):
     def _check(self) -> "ExperimentConfig":
         if self.student.checkpoint is not None:
             raise ValueError("student.checkpoint is not supported: the students are what the run trains")
+        cache = self.stages.distil.teacher_cache
+        if cache is not None:
+            if self.data.augment and not cache.views:
+                raise ValueError(
+                    "stages.distil.teacher_cache with data.augment needs teacher_cache.views >= 1: a cache of the "
+                    "un-augmented samples cannot serve augmented inputs (the teacher never saw them). Set views "
+                    "(e.g. 8: epoch e trains on view e mod 8), or drop the cache to distil from the live teacher")
+            if cache.views and not self.data.augment:
+                raise ValueError("stages.distil.teacher_cache.views needs data.augment, the augmentation the views are made with")
+            for spec in self.data.augment:
+                if not callable(getattr(spec.resolve(), "seeded", None)):
+                    raise ValueError(
+                        f"data.augment {spec.label()} cannot make per-sample views for stages.distil.teacher_cache "
+                        "(mixup and cutmix mix samples of a batch; a custom class needs seeded(x, seeds) and "
+                        "to_config()); drop the cache to distil from the live teacher")
         return self
 
     def run_dir(self) -> Path:

@@ -7,6 +7,7 @@ The API is the shape of ``keras.Model`` and of the classic Keras ``Distiller`` e
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .callbacks import Callback, History, ProgressBar
 from .data.loader import make_loader
 from .errors import NonFiniteLossError
@@ -24,7 +26,7 @@ from .metrics import Metric, resolve_metrics
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
 from .taps import CheckedForward, FeatureTaps
-from .teacher import LiveTeacher
+from .teacher import CachedTeacher, LiveTeacher
 
 OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -128,6 +130,7 @@ class Trainer:
     def __init__(self, model: nn.Module, *, device: str | torch.device | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        distributed.init()  # started by torchrun: join its process group (a no-op otherwise)
         self.device = get_device(device)
         self.model = model.to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -145,6 +148,12 @@ class Trainer:
         # explains a rejected input shape/dtype (checked again for each new one, so
         # evaluate/predict on other data still explains a rejection)
         self._checked_forward = CheckedForward(self.model_role)
+        #: keyword arguments for DistributedDataParallel in a multi-process fit (e.g.
+        #: ``{"find_unused_parameters": True}`` for a model with branches a step may skip)
+        self.ddp_kwargs: dict[str, Any] = {}
+        self._ddp: nn.Module | None = None
+        self._shard: tuple[int, int] | None = None
+        self._outside_ddp: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------ set-up
     def compile(
@@ -308,14 +317,16 @@ class Trainer:
         """Backward pass and optimizer step (skipped when the loss has no gradient)."""
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
-            loss.backward()
+            loss.backward()  # under DDP the student's gradients are averaged across processes here
+            if self._outside_ddp:
+                distributed.average_gradients(self._outside_ddp)
             self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimisation step on ``batch``; returns the loss and metrics (tensors)."""
-        logits = self.forward(self.model, batch.inputs)
+        logits = self.forward(self.training_model, batch.inputs)
         loss, _ = self.supervised_loss(logits, batch)
         self.check_finite({"loss": loss})
         self.optimize(loss)
@@ -341,10 +352,35 @@ class Trainer:
             weights[name] = n_lab
         return weights
 
+    @property
+    def training_model(self) -> nn.Module:
+        """What a training step runs: the model, wrapped in ``DistributedDataParallel``
+        during a multi-process ``fit``."""
+        return self.model if self._ddp is None else self._ddp
+
     def _train_loader(self, x: Any, y: Any, batch_size: int, shuffle: bool, generator: torch.Generator, **kw: Any):
         if kw:
             raise TypeError(f"fit() got unexpected keyword arguments {sorted(kw)}")
-        return make_loader(x, y, batch_size=batch_size, shuffle=shuffle, generator=generator)
+        return make_loader(x, y, batch_size=batch_size, shuffle=shuffle, generator=generator, shard=self._shard)
+
+    def _wrap_for_processes(self) -> None:
+        """Multi-process fit: the model into DDP (which starts every process from rank 0's
+        weights); trainable parameters outside the model (a loss's adapters) copied from
+        rank 0 too, and averaged after each backward pass."""
+        if not distributed.is_distributed():
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = {id(p) for p in self.model.parameters()}
+        self._outside_ddp = [p for g in self.optimizer.param_groups for p in g["params"]
+                             if p.requires_grad and id(p) not in ids]
+        extra = [m for name, m in self._resumable_modules().items() if name != "model"]
+        distributed.broadcast_tensors([t for m in extra for t in (*m.parameters(), *m.buffers())])
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(self.model, device_ids=device_ids, **self.ddp_kwargs)
+
+    def _unwrap(self) -> None:
+        self._ddp, self._outside_ddp = None, []
 
     def fit(
         self,
@@ -409,18 +445,27 @@ class Trainer:
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be a callable inputs -> inputs, got {type(augment).__name__}")
         self.augment = augment
+        world, rank = distributed.world_size(), distributed.rank()
+        self._shard = (rank, world) if world > 1 else None
+        if world > 1 and batch_size % world:
+            raise ValueError(
+                f"batch_size={batch_size} is the global batch of a {world}-process run and must split evenly: "
+                f"use a multiple of {world} (each process then takes batch_size / {world} samples a step)")
         if seed is not None:
-            seed_everything(seed)
+            seed_everything(seed + rank)  # each process its own random stream (augmentation, dropout)
+        data_seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)))
         generator = torch.Generator()
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        generator.manual_seed(distributed.broadcast_object(data_seed))  # one data order for every process
         train = self._train_loader(x, y, batch_size, shuffle, generator, **loader_kwargs)
         val = None
         if validation_data is not None:
-            val = self._eval_loader(validation_data, batch_size=max(batch_size, 256))
+            val = self._eval_loader(validation_data, batch_size=max(batch_size, 256), shard=self._shard)
         history = History()
         cbs: list[Callback] = [history] + list(callbacks or [])
         if verbose:
             cbs.append(ProgressBar(verbose))
+        if not distributed.is_main():  # writers and printers run on rank 0 only
+            cbs = [cb for cb in cbs if not getattr(cb, "main_process_only", False)]
         for cb in cbs:
             cb.set_trainer(self)
         self.history = history
@@ -432,16 +477,28 @@ class Trainer:
         self._epoch_done = False
         self.epoch, self.step_in_epoch = initial_epoch, 0
         self._fit_started, self._elapsed_before = time.perf_counter(), 0.0
-        self._before_training(train, generator)  # a Distiller installs taps, sets up its losses
-        if resume_from is not None:
-            self._restore_training_state(resume_from)  # sets epoch, step, history, RNG, data position
+        # a failure on one process (a mismatch, a bad state) fails every process, not a hang
+        distributed.run_together("setting up the training", lambda: self._before_training(train, generator))
+        if resume_from is not None:  # sets epoch, step, history, RNG, data position
+            distributed.run_together("restoring the training state", lambda: self._restore_training_state(resume_from))
         self._after_restore(train, generator)  # a loss's own pre-training stage, if it has not run
         start_epoch, start_step = self.epoch, self.step_in_epoch
         try:
+            self._wrap_for_processes()
             self._train_epochs(cbs, val, epochs, start_epoch, start_step)
         finally:
+            self._unwrap()
             self._after_training()
         return history
+
+    def _augment_batch(self, batch: Batch) -> Batch:
+        """A training batch as the model trains on it: augmented once (a Distiller's
+        teacher and student see the same view)."""
+        if self.augment is None:
+            return batch
+        if getattr(self.augment, "on_batch", False):
+            return self.augment(batch)
+        return Batch(self.augment(batch.inputs), batch.targets, batch.index)
 
     def _before_training(self, train: Any, generator: torch.Generator) -> None:
         """Called by :meth:`fit` once the data is ready, before a resume is restored."""
@@ -466,10 +523,7 @@ class Trainer:
                 self._means = _EpochMeans()
             for step in range(start_step if epoch == start_epoch else 0, self._steps_per_epoch):
                 self.step_in_epoch = step
-                batch = self._passes.next().to(self.device)
-                if self.augment is not None:  # once per batch: teacher and student see the same view
-                    batch = (self.augment(batch) if getattr(self.augment, "on_batch", False)
-                             else Batch(self.augment(batch.inputs), batch.targets, batch.index))
+                batch = self._augment_batch(self._passes.next().to(self.device))
                 self._last_batch_size = len(batch)
                 logs = _to_floats(self.train_step(batch))
                 self._means.update(logs, self._step_weights(batch))
@@ -478,9 +532,9 @@ class Trainer:
                 running = self._means.result()
                 for cb in cbs:
                     cb.on_train_batch_end(step, running)
-            epoch_logs = self._means.result()
+            epoch_logs = distributed.reduce_weighted_means(self._means.sums, self._means.weights)
             if val is not None:
-                epoch_logs.update({f"val_{k}": v for k, v in self._run_eval(val).items()})
+                epoch_logs.update({f"val_{k}": v for k, v in self._run_eval(val, reduce=True).items()})
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
             self._epoch_done = True
@@ -553,15 +607,19 @@ class Trainer:
         self._passes.restore(state["data"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
         set_rng_state(state["rng"])  # last: restoring the data position draws nothing global
+        if distributed.rank() > 0:  # rank 0's streams were saved: the others derive theirs from them
+            seed_everything(int(torch.randint(0, 2**62, (1,))) + distributed.rank())
 
-    def _eval_loader(self, data: Any, y: Any = None, *, batch_size: int):
+    def _eval_loader(self, data: Any, y: Any = None, *, batch_size: int, shard: tuple[int, int] | None = None):
         if isinstance(data, tuple) and y is None:
             if len(data) != 2:
                 raise ValueError(f"validation_data must be (x, y), got a tuple of {len(data)}")
             data, y = data
-        return make_loader(data, y, batch_size=batch_size, shuffle=False)
+        return make_loader(data, y, batch_size=batch_size, shuffle=False, shard=shard, pad=False)
 
-    def _run_eval(self, loader: Iterable[Batch]) -> dict[str, float]:
+    def _run_eval(self, loader: Iterable[Batch], *, reduce: bool = False) -> dict[str, float]:
+        """Means over ``loader``; with ``reduce``, over every process's shard (a collective:
+        every process must call it)."""
         was_training = self.model.training
         self.model.eval()
         means = _EpochMeans()
@@ -573,7 +631,7 @@ class Trainer:
                 mask = batch.labelled
                 means.update(logs, {"*": float(len(batch) if mask is None else mask.sum())})
         self.model.train(was_training)
-        return means.result()
+        return distributed.reduce_weighted_means(means.sums, means.weights) if reduce else means.result()
 
     def evaluate(self, x: Any, y: Any = None, *, batch_size: int = 256, verbose: int = 0) -> dict[str, float]:
         """Evaluate on data; returns ``{"loss": ..., "accuracy": ...}`` (means over samples)."""
@@ -751,7 +809,7 @@ class Distiller(Trainer):
         # 1. the frozen teacher's outputs (no graph, no grad), with its tapped layers
         teacher_out = self.teacher(batch)
         # 2. the student's forward, with its tapped layers
-        student_out = Outputs(self.forward(self.model, batch.inputs), self._pop_student_features())
+        student_out = Outputs(self.forward(self.training_model, batch.inputs), self._pop_student_features())
         if not self._pair_checked:
             self._check_pair(student_out, teacher_out)
         # 3. the two loss terms; unlabelled samples add only the distillation term
@@ -770,6 +828,8 @@ class Distiller(Trainer):
         solo = [name for name, part in self._named_parts() if part.exclusive]
         if solo:  # a staged method's first stage (FitNets' hints): its terms alone train
             loss = sum(parts[n] if parts else distillation_loss for n in solo)
+            if self._ddp is not None:  # DDP waits for a gradient of every parameter: give the idle ones zeros
+                loss = loss + 0.0 * student_out.logits.sum()
         elif self.student_loss_weight is None:
             loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         else:
@@ -831,6 +891,39 @@ class Distiller(Trainer):
             set_rng_state(saved_rng)
             self.setup(batch)
 
+    def _cached_views(self) -> bool:
+        return isinstance(self.teacher, CachedTeacher) and self.teacher.views > 0
+
+    def _augment_batch(self, batch: Batch) -> Batch:
+        if self._cached_views():  # the stored view of this epoch, rebuilt from its seeds
+            return self.teacher.augment_batch(batch, self.epoch)
+        return super()._augment_batch(batch)
+
+    def _check_cache_augmentation(self, augment: Any) -> None:
+        """A teacher cache serves outputs for the inputs it was built on: augmenting them
+        anew would pair the student's input with the teacher's output for another one."""
+        if not isinstance(self.teacher, CachedTeacher):
+            return
+        cache = self.teacher
+        if not cache.views:
+            if augment is not None:
+                raise ValueError(
+                    f"fit(augment={augment!r}) with teacher cache {cache.path}, which holds the teacher's outputs "
+                    "for the un-augmented samples only: the student would train on inputs the teacher never saw. "
+                    "Build the cache with views (TeacherCache.build(teacher, x, path, views=V, augment=aug), or "
+                    "`kdistill cache ... --views V`), distil without augment=, or use the live teacher."
+                )
+            return
+        if augment is None:
+            return
+        mine = augment.to_config() if callable(getattr(augment, "to_config", None)) else repr(augment)
+        if json.loads(json.dumps(mine)) != cache.augment_config:
+            raise ValueError(
+                f"fit(augment={augment!r}), but teacher cache {cache.path} holds views made with "
+                f"{cache.augmentation!r}: the student must see the inputs the teacher saw. Leave augment= out "
+                "(the Distiller replays the cache's views) or rebuild the cache with this augmentation."
+            )
+
     def _after_restore(self, train: Any, generator: torch.Generator) -> None:
         """Run the pre-training stage of every loss that has one and has not run it
         (factor transfer's paraphraser), over the training data as the teacher sees it.
@@ -844,9 +937,11 @@ class Distiller(Trainer):
         for part in pending:
             optimizer = part.pretrain_optimizer()
             part.train()
-            for _ in range(part.pretrain_epochs):
+            for epoch in range(part.pretrain_epochs):
                 for batch in train:
                     batch = batch.to(self.device)
+                    if self._cached_views():  # the teacher's outputs exist for its views only
+                        batch = self.teacher.augment_batch(batch, epoch)
                     loss = part.pretrain_loss(self.teacher(batch), batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -877,6 +972,8 @@ class Distiller(Trainer):
         self._require_compiled()
         batch = batch if isinstance(batch, Batch) else Batch(batch)
         batch = batch.to(self.device)
+        if self._cached_views() and batch.view is None:
+            batch = self.teacher.augment_batch(batch, self.epoch)
         self._install_taps()
         was_training = self.model.training
         self.model.eval()
@@ -912,7 +1009,8 @@ class Distiller(Trainer):
     def _train_loader(self, x: Any, y: Any, batch_size: int, shuffle: bool, generator: torch.Generator, unlabelled: Any = None, **kw: Any):
         if kw:
             raise TypeError(f"fit() got unexpected keyword arguments {sorted(kw)}")
-        return make_loader(x, y, batch_size=batch_size, shuffle=shuffle, generator=generator, unlabelled=unlabelled)
+        return make_loader(x, y, batch_size=batch_size, shuffle=shuffle, generator=generator, unlabelled=unlabelled,
+                           shard=self._shard)
 
     def fit(self, x: Any, y: Any = None, *, unlabelled: Any = None, **kwargs: Any) -> History:
         """Distil into the student; arguments as :meth:`Trainer.fit`, plus:
@@ -923,4 +1021,7 @@ class Distiller(Trainer):
                 samples whose target is ``-1``.
         """
         self._pair_checked = False
+        self._check_cache_augmentation(kwargs.get("augment"))
+        if self._cached_views():
+            kwargs["augment"] = None  # the cache's own views replace it (checked equal above)
         return super().fit(x, y, unlabelled=unlabelled, **kwargs)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .bench import benchmark_model
 from .callbacks import Callback, JSONLogger, TrainingCheckpoint
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_training_state, save_checkpoint
@@ -210,7 +210,59 @@ def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer
     Order of preference: this run's finished stage with the same fingerprint; the same
     stage finished by another run (stage store); this run's interrupted stage (resumed from
     ``last.pt``); training from the start.
+
+    In a multi-process run rank 0 decides (and does the file work) and every process
+    follows: all load a reused stage's weights, all resume from the same state, all train
+    (rank 0 alone writes).
     """
+    sdir = ctx.run_dir / "stages" / name
+    if not distributed.is_distributed():
+        plan = _plan_stage(ctx, name, fp, model, share=share)
+    else:
+        plan = distributed.run_together(
+            f"[{name}] preparing the stage",
+            lambda: _plan_stage(ctx, name, fp, model, share=share) if distributed.is_main() else None)
+        light = distributed.broadcast_object(None if plan is None else {**plan, "resume_from": None})
+        if not distributed.is_main():
+            plan = light
+            if plan["action"] == "reuse":
+                load_checkpoint(sdir / "checkpoint.pt", model)
+            elif plan["resume"]:
+                plan["resume_from"] = read_training_state(sdir / "last.pt")
+    if plan["action"] == "reuse":
+        return plan["result"]
+    # 4. train
+    if plan["resume_from"] is None:
+        ctx.log(f"[{name}] training")
+    trainer = make_trainer()
+    cfg = ctx.config
+    callbacks: list[Callback] = [
+        TrainingCheckpoint(sdir / "last.pt", every_steps=cfg.checkpoint.every_steps,
+                           every_seconds=cfg.checkpoint.every_seconds),
+        JSONLogger(sdir / "history.jsonl"),
+        *[spec.resolve()(**spec.kwargs) for spec in cfg.callbacks],
+    ]
+    history = fit(trainer, callbacks, plan["resume_from"])
+    done = {"fingerprint": fp, "stage": name, "seconds": trainer.elapsed_seconds, "history": history.to_dict(),
+            "run_dir": str(ctx.run_dir), "kdistill_version": __version__}
+    if distributed.is_main():
+        save_checkpoint(sdir / "checkpoint.pt", model, epoch=len(history.epoch) - 1)
+        atomic_write_text(sdir / "done.json", json.dumps(done))
+        # 5. publish for other runs (best effort: a read-only cache must not fail the run)
+        if share and ctx.store is not None:
+            try:
+                stored = ctx.store / f"{name}-{fp}"
+                if not (stored / "done.json").is_file():
+                    _copy_stage(sdir, stored)
+            except OSError as e:
+                ctx.log(f"[{name}] could not publish to the stage store {ctx.store}: {e}")
+    distributed.barrier()
+    return {**done, "reused": False}
+
+
+def _plan_stage(ctx: _Context, name: str, fp: str, model: nn.Module, *, share: bool) -> dict:
+    """Steps 1-3 of :func:`_run_stage`: ``{"action": "reuse", "result"}`` (the weights are
+    in ``model``) or ``{"action": "train", "resume", "resume_from"}``."""
     sdir = ctx.run_dir / "stages" / name
     done_path = sdir / "done.json"
     # 1. finished here already
@@ -220,7 +272,7 @@ def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer
             try:
                 load_checkpoint(sdir / "checkpoint.pt", model)
                 ctx.log(f"[{name}] finished earlier in this run directory: reusing it")
-                return {**done, "reused": done.get("reused") or "this run"}
+                return {"action": "reuse", "result": {**done, "reused": done.get("reused") or "this run"}}
             except CheckpointError as e:
                 ctx.log(f"[{name}] cannot reuse the finished stage ({e}); training again")
         done_path.unlink()
@@ -235,7 +287,7 @@ def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer
                 origin = done.get("run_dir", "another run")
                 ctx.log(f"[{name}] reusing the {name} trained by {origin} (same stage config, data and seed; "
                         f"fingerprint {fp}): no training")
-                return {**done, "reused": str(origin)}
+                return {"action": "reuse", "result": {**done, "reused": str(origin)}}
             except (CheckpointError, OSError, json.JSONDecodeError) as e:
                 ctx.log(f"[{name}] the stored stage {stored} is unusable ({e}); training")
     # 3. interrupted here: resume from the last training state
@@ -256,30 +308,7 @@ def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer
         if resume_from is None:
             last.unlink()
     atomic_write_text(stage_json, json.dumps({"fingerprint": fp, "stage": name}))
-    # 4. train
-    if resume_from is None:
-        ctx.log(f"[{name}] training")
-    trainer = make_trainer()
-    cfg = ctx.config
-    callbacks: list[Callback] = [
-        TrainingCheckpoint(last, every_steps=cfg.checkpoint.every_steps, every_seconds=cfg.checkpoint.every_seconds),
-        JSONLogger(sdir / "history.jsonl"),
-        *[spec.resolve()(**spec.kwargs) for spec in cfg.callbacks],
-    ]
-    history = fit(trainer, callbacks, resume_from)
-    save_checkpoint(sdir / "checkpoint.pt", model, epoch=len(history.epoch) - 1)
-    done = {"fingerprint": fp, "stage": name, "seconds": trainer.elapsed_seconds, "history": history.to_dict(),
-            "run_dir": str(ctx.run_dir), "kdistill_version": __version__}
-    atomic_write_text(done_path, json.dumps(done))
-    # 5. publish for other runs (best effort: a read-only cache must not fail the run)
-    if share and ctx.store is not None:
-        try:
-            stored = ctx.store / f"{name}-{fp}"
-            if not (stored / "done.json").is_file():
-                _copy_stage(sdir, stored)
-        except OSError as e:
-            ctx.log(f"[{name}] could not publish to the stage store {ctx.store}: {e}")
-    return {**done, "reused": False}
+    return {"action": "train", "resume": resume_from is not None, "resume_from": resume_from}
 
 
 def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, log: Callable[[str], None]) -> str:
@@ -362,6 +391,92 @@ def normalize_channels(data: DatasetSplits) -> DatasetSplits:
     return DatasetSplits(data.name, norm(data.x_train), data.y_train, norm(data.x_test), data.y_test, data.classes)
 
 
+def student_data(config: ExperimentConfig, data: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(x_labelled, y_labelled, x_unlabelled or None)``: what the students train on
+    (``data.subset`` labelled samples, the rest unlabelled with ``data.unlabelled``)."""
+    d = config.data
+    if d.subset is None:
+        return torch.from_numpy(data.x_train), torch.from_numpy(data.y_train), None
+    xl, yl, xr, _ = split_labelled(data.x_train, data.y_train, d.subset, seed=config.seed)
+    return torch.from_numpy(xl), torch.from_numpy(yl), (torch.from_numpy(xr) if d.unlabelled else None)
+
+
+def distil_inputs(config: ExperimentConfig, data: DatasetSplits) -> torch.Tensor:
+    """The distil stage's training inputs in the order ``fit`` indexes them (labelled,
+    then unlabelled): what a teacher cache for the run is built over."""
+    x_lab, _, x_unl = student_data(config, data)
+    return x_lab if x_unl is None else torch.cat([x_lab, x_unl])
+
+
+def build_augment(config: ExperimentConfig) -> Compose | None:
+    """The config's training augmentation (``data.augment``), or ``None``."""
+    specs = config.data.augment
+    return Compose([spec.resolve()(**spec.kwargs) for spec in specs]) if specs else None
+
+
+def teacher_layers(config: ExperimentConfig) -> list[str]:
+    """The teacher layers the distil stage's losses tap (what a teacher cache must hold)."""
+    loss = build_losses(config.stages.distil)
+    parts = loss.parts.values() if isinstance(loss, WeightedSum) else [loss]
+    return sorted({path for part in parts for role, path in (part.taps or {}).items() if role == "teacher"})
+
+
+def cache_settings(config: ExperimentConfig, features: list[str]) -> dict[str, Any]:
+    """The :meth:`TeacherCache.build` keyword arguments ``stages.distil.teacher_cache`` asks
+    for (top-k stores its tail at the stage's temperature, so it is exact there)."""
+    ds, tc = config.stages.distil, config.stages.distil.teacher_cache
+    return dict(mode=tc.mode, k=tc.k, dtype=tc.dtype, features=sorted(features), views=tc.views,
+                augment=build_augment(config) if tc.views else None, seed=config.seed,
+                tail_temperatures=(ds.temperature,) if tc.mode == "topk" else (), batch_size=tc.batch_size)
+
+
+def default_cache_path(config: ExperimentConfig, store: Path | None, run_dir: Path, key: str) -> Path:
+    """Where a run's teacher cache lives: ``teacher_cache.path``, else ``teacher_caches/``
+    beside the stage store (shared by every run of the same teacher, data and settings),
+    else inside the run directory."""
+    tc = config.stages.distil.teacher_cache
+    if tc.path is not None:
+        return Path(tc.path).expanduser()
+    if store is not None:
+        return store.parent / "teacher_caches" / f"{config.teacher.label()}-{key}"
+    return run_dir / "teacher_cache"
+
+
+def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp: str) -> Any:
+    """Build (or open) the run's teacher cache and put it in the Distiller's place of the
+    live teacher."""
+    from .teacher import TeacherCache, estimate_size
+
+    cfg = ctx.config
+    tc, ds = cfg.stages.distil.teacher_cache, cfg.stages.distil
+    settings = cache_settings(cfg, dist.tapped_layers()["teacher"])
+    x = distil_inputs(cfg, ctx.data)
+    key = fingerprint("teacher_cache", t_fp, ctx.data_fp, cfg.data.subset, cfg.data.unlabelled, cfg.seed,
+                      {k: v for k, v in settings.items() if k not in ("augment", "batch_size")},
+                      [s.dump() for s in cfg.data.augment])
+    path = default_cache_path(cfg, ctx.store, ctx.run_dir, key)
+    if distributed.is_main() and not (path / "manifest.json").is_file():
+        size = estimate_size(teacher, x, **{k: v for k, v in settings.items()
+                                            if k in ("mode", "k", "dtype", "features", "tail_temperatures", "views")})
+        ctx.log(f"[distil] building the teacher cache {path}: {size['rows']:,} rows "
+                f"({tc.views or 1} view(s) x {len(x):,} samples), {size['bytes_per_sample']:,} bytes per sample, "
+                f"{size['total_bytes'] / 2**20:,.1f} MiB")
+    started = time.perf_counter()
+    cached = distributed.run_together(  # rank 0 builds (or opens) it, then the others map the same files
+        "[distil] building the teacher cache",
+        lambda: TeacherCache.build(teacher, x, path, device=ctx.device, dataset_name=ctx.data.name, **settings)
+        if distributed.is_main() else None)
+    if cached is None:
+        cached = TeacherCache.open(path, verify=False)
+    if tc.mode == "topk":
+        cached.temperature = ds.temperature
+    ctx.log(f"[distil] distilling from the teacher cache {path} ({cached.mode}"
+            + (f", k={cached.k}" if cached.k else "") + f", {cached.bytes_per_sample} B/sample"
+            + (f", {cached.views} views" if cached.views else "") + f"; ready in {time.perf_counter() - started:.1f} s)")
+    dist.teacher = cached
+    return cached
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -382,18 +497,28 @@ def run_experiment(
     Raises:
         RunDirectoryError: ``run_dir`` holds a different run and ``force`` is not set.
     """
-    # 1. set up: run directory, threads, device, data
+    # 1. set up: run directory, threads, device, data (rank 0 alone writes, in a multi-process run)
+    distributed.init()
+    main = distributed.is_main()
     run_dir = Path(run_dir) if run_dir is not None else config.run_dir()
-    state = _prepare_run_dir(config, run_dir, force=force, log=log)
+    state = distributed.run_together(
+        "preparing the run directory", lambda: _prepare_run_dir(config, run_dir, force=force, log=log) if main else None)
+    state = distributed.broadcast_object(state)
     if state == "finished":
         log(f"{run_dir} already holds this finished run; nothing to do (report: {run_dir / 'report.md'}; "
             "--force trains it again)")
         return json.loads((run_dir / "metrics.json").read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = _tee(log, run_dir / "run.log")
     started = time.time()
-    atomic_write_text(run_dir / "config.yaml", dump_config(config))
-    _write_run_json(run_dir, config, "running", started)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = _tee(log, run_dir / "run.log")
+        atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        _write_run_json(run_dir, config, "running", started)
+        if distributed.is_distributed():
+            log(f"{distributed.world_size()} processes ({distributed.default_backend()}); batch sizes are global")
+    else:
+        log = lambda message: None  # noqa: E731
+    distributed.barrier()
     set_threads(config.threads)
     device = get_device(config.device)
     data = load_data(config)
@@ -404,13 +529,8 @@ def run_experiment(
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     d = config.data
-    if d.subset is not None:
-        xl, yl, xr, _ = split_labelled(data.x_train, data.y_train, d.subset, seed=config.seed)
-        x_lab, y_lab = torch.from_numpy(xl), torch.from_numpy(yl)
-        x_unl = torch.from_numpy(xr) if d.unlabelled else None
-    else:
-        x_lab, y_lab, x_unl = x_train, y_train, None
-    augment = Compose([spec.resolve()(**spec.kwargs) for spec in d.augment]) if d.augment else None
+    x_lab, y_lab, x_unl = student_data(config, data)
+    augment = build_augment(config)
     log(f"data: {data.name}, {len(x_lab)} labelled training samples"
         + (f" + {len(x_unl)} unlabelled" if x_unl is not None else "") + f", {len(x_test)} test samples; device {device}")
     common = dict(validation_data=(x_test, y_test), verbose=verbose, seed=config.seed, augment=augment)
@@ -484,23 +604,28 @@ def run_experiment(
         sched, interval = build_schedule(ds.schedule, ds.epochs, d_steps)
         dist = Distiller(student=distilled, teacher=teacher, device=device)
         params = list(distilled.parameters()) + [p for p in loss.parameters() if p.requires_grad]
-        return dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
-                            alpha=ds.alpha, temperature=ds.temperature, scheduler=sched, scheduler_interval=interval,
-                            student_loss_weight=ds.student_loss_weight)
+        dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
+                     alpha=ds.alpha, temperature=ds.temperature, scheduler=sched, scheduler_interval=interval,
+                     student_loss_weight=ds.student_loss_weight)
+        if ds.teacher_cache is not None:
+            _open_teacher_cache(ctx, dist, teacher, t_fp)
+        return dist
 
     results["distil"] = _run_stage(
         ctx, "distil", d_fp, distilled, distil_trainer,
         lambda tr, cbs, resume: tr.fit(x_lab, y_lab, unlabelled=x_unl, epochs=ds.epochs, batch_size=d_batch,
                                        callbacks=cbs, resume_from=resume, **common), share=False)
 
-    # 5. measure, report, mark finished
-    log("measuring accuracy, agreement, size and speed")
-    models = {"teacher": teacher, **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
-    metrics = _measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    write_run_report(run_dir, metrics)
-    _write_run_json(run_dir, config, "finished", started)
-    return metrics
+    # 5. measure, report, mark finished (rank 0; the others wait for its numbers)
+    metrics = None
+    if main:
+        log("measuring accuracy, agreement, size and speed")
+        models = {"teacher": teacher, **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
+        metrics = _measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        write_run_report(run_dir, metrics)
+        _write_run_json(run_dir, config, "finished", started)
+    return distributed.broadcast_object(metrics)
 
 
 def headline_numbers(models: dict[str, dict]) -> tuple[float | None, float | None]:

@@ -37,12 +37,16 @@ class Batch:
             when the source cannot tell.
         mix: for a batch mixed by mixup/cutmix, the other samples' labels and the mixing
             weight (the hard-label loss is ``lam * CE(y) + (1 - lam) * CE(y_mix)``).
+        view: for a batch augmented as one of a teacher cache's stored views
+            (:meth:`~kdistill.teacher.CachedTeacher.augment_batch`), which view; the cache
+            serves the teacher's outputs for that view. ``None`` otherwise.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor | None = None
     index: torch.Tensor | None = None
     mix: Mix | None = None
+    view: int | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -51,7 +55,7 @@ class Batch:
         """Return the batch on ``device`` (non-blocking where that is safe)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         mix = None if self.mix is None else Mix(move(self.mix.targets), self.mix.lam)
-        return Batch(move(self.inputs), move(self.targets), move(self.index), mix)
+        return Batch(move(self.inputs), move(self.targets), move(self.index), mix, self.view)
 
     @cached_property
     def labelled(self) -> torch.Tensor | None:

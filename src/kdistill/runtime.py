@@ -17,8 +17,9 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 
     Args:
         device: an explicit choice (``"cpu"``, ``"cuda:1"``, a ``torch.device``), or
-            ``None`` for the default: ``$KDISTILL_DEVICE`` if set, else CUDA when
-            available, else Apple's MPS when available, else the CPU.
+            ``None`` for the default: ``$KDISTILL_DEVICE`` if set, else (in a
+            multi-process run) this process's GPU ``cuda:LOCAL_RANK`` or the CPU, else
+            CUDA when available, else Apple's MPS when available, else the CPU.
 
     Returns:
         The ``torch.device``.
@@ -26,6 +27,10 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         device = os.environ.get("KDISTILL_DEVICE") or None
     if device is None:
+        from . import distributed
+
+        if distributed.is_distributed():  # one of several processes: its own GPU, or the CPU
+            return distributed.device()
         if torch.cuda.is_available():
             device = "cuda"
         elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

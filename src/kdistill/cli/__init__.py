@@ -8,9 +8,9 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import KDistillError
-from . import bench, classic, compare, export, layers, report, run, sweep
+from . import bench, cache, classic, compare, export, layers, report, run, sweep
 
-SUBCOMMANDS = (run, classic, sweep, report, compare, export, bench, layers)
+SUBCOMMANDS = (run, classic, sweep, report, compare, export, bench, layers, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,5 +62,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else config.run_dir()
         metrics = run_experiment(config, run_dir=run_dir, force=args.force, verbose=verbose)
-    print_summary(metrics, run_dir)
+    from .. import distributed
+
+    if distributed.is_main():  # one table, not one per process
+        print_summary(metrics, run_dir)
     return 0

@@ -50,6 +50,32 @@ def as_tensor(x: Any, *, name: str, labels: bool = False) -> torch.Tensor:
     return t
 
 
+def batch_rows(n: int, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+               drop_last: bool = False, shard: tuple[int, int] | None = None, pad: bool = True) -> Iterator[torch.Tensor]:
+    """The rows of each batch of one pass over ``n`` samples.
+
+    With ``shard=(r, N)`` (process ``r`` of ``N``) each batch is the single-process
+    batch's positions ``r, r + N, ...``: the ``N`` processes together take the batch one
+    process would take. With ``pad`` (training) the pass's order is first padded to a
+    multiple of ``N`` by repeating its first samples, as ``DistributedSampler`` does, so
+    every process gets as many samples as the others in every batch (the gradient average
+    then equals the single-process one); without it (evaluation) a process may get fewer,
+    and a batch where it gets none is skipped.
+    """
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shard is not None and pad and n % shard[1]:
+        order = torch.cat([order, order[: shard[1] - n % shard[1]]])
+    total = order.shape[0]
+    stop = (total // batch_size) * batch_size if drop_last else total
+    for start in range(0, stop, batch_size):
+        rows = order[start : start + batch_size]
+        if shard is not None:
+            rows = rows[shard[0]::shard[1]]
+            if rows.numel() == 0:
+                continue
+        yield rows
+
+
 class ArrayLoader:
     """Batches of in-memory tensors by index slicing.
 
@@ -61,6 +87,10 @@ class ArrayLoader:
         generator: a seeded ``torch.Generator`` (required for repeatable shuffles).
         drop_last: drop the last incomplete batch.
         index: ``(N,)`` dataset index of each row (defaults to ``arange(N)``).
+        shard: ``(rank, world_size)``: this process's share of every batch (see
+            :func:`batch_rows`); ``batch_size`` stays the global batch.
+        pad: with ``shard``, pad the order to a multiple of the process count (training);
+            without, shares may be unequal (evaluation).
     """
 
     def __init__(
@@ -73,6 +103,8 @@ class ArrayLoader:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         index: torch.Tensor | None = None,
+        shard: tuple[int, int] | None = None,
+        pad: bool = True,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -90,6 +122,8 @@ class ArrayLoader:
         self.shuffle = shuffle
         self.generator = generator
         self.drop_last = drop_last
+        self.shard = shard
+        self.pad = pad
 
     @property
     def num_samples(self) -> int:
@@ -97,15 +131,19 @@ class ArrayLoader:
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
+        if self.shard is not None:
+            if self.pad:
+                n += -n % self.shard[1]
+            elif not self.drop_last:  # batches where this process gets no sample are skipped
+                return sum(1 for _ in batch_rows(n, b, shard=self.shard, pad=False))
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[Batch]:
         n, b = self.num_samples, self.batch_size
         stop = (n // b) * b if self.drop_last else n
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
-            for start in range(0, stop, b):
-                rows = order[start : start + b]
+        if self.shuffle or self.shard is not None:
+            for rows in batch_rows(n, b, shuffle=self.shuffle, generator=self.generator, drop_last=self.drop_last,
+                                   shard=self.shard, pad=self.pad):
                 yield Batch(
                     self.inputs.index_select(0, rows),
                     None if self.targets is None else self.targets.index_select(0, rows),
@@ -197,6 +235,8 @@ def make_loader(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     unlabelled: Any = None,
+    shard: tuple[int, int] | None = None,
+    pad: bool = True,
 ) -> ArrayLoader | DataLoaderAdapter:
     """Build the batch iterator ``fit``/``evaluate``/``predict`` use.
 
@@ -206,6 +246,8 @@ def make_loader(
         batch_size, shuffle, generator, drop_last: as for :class:`ArrayLoader`. Ignored for
             a ``DataLoader``, which keeps its own.
         unlabelled: extra inputs without labels (arrays only): appended with target ``-1``.
+        shard, pad: this process's share of each batch in a multi-process run (see
+            :func:`batch_rows`). A ``DataLoader`` must shard itself (``DistributedSampler``).
 
     Returns:
         An iterable of :class:`~kdistill.outputs.Batch` with ``len()``.
@@ -213,6 +255,11 @@ def make_loader(
     if isinstance(x, DataLoader):
         if y is not None or unlabelled is not None:
             raise ValueError("pass labels and unlabelled data inside the DataLoader, not as y/unlabelled")
+        if shard is not None and not _is_sharded(x):
+            raise ValueError(
+                f"a DataLoader in a {shard[1]}-process run must give each process its own share: build it with "
+                "sampler=torch.utils.data.DistributedSampler(dataset) (and call its set_epoch), or pass the "
+                "arrays or the Dataset to fit, which kdistill shards itself")
         return DataLoaderAdapter(x)
     if isinstance(x, TensorDataset) and y is None and len(x.tensors) in (1, 2):
         # Fast path: a TensorDataset is in-memory arrays; slice them instead of collating.
@@ -220,6 +267,9 @@ def make_loader(
     if isinstance(x, Dataset):
         if y is not None or unlabelled is not None:
             raise ValueError("pass labels inside the Dataset (items (inputs, target)), not as y")
+        if shard is not None:
+            sampler = _BatchRows(len(x), batch_size, shuffle, generator, drop_last, shard, pad)
+            return DataLoaderAdapter(DataLoader(_Indexed(x), batch_sampler=sampler), indexed=True)
         loader = DataLoader(
             _Indexed(x), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
         )
@@ -242,5 +292,30 @@ def make_loader(
         inputs = torch.cat([inputs, extra.to(inputs.dtype)])
         targets = torch.cat([targets, torch.full((extra.shape[0],), UNLABELLED, dtype=torch.long)])
     return ArrayLoader(
-        inputs, targets, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+        inputs, targets, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+        shard=shard, pad=pad,
     )
+
+
+def _is_sharded(loader: DataLoader) -> bool:
+    from torch.utils.data.distributed import DistributedSampler
+
+    samplers = (loader.sampler, getattr(loader.batch_sampler, "sampler", None), loader.batch_sampler)
+    return any(isinstance(s, (DistributedSampler, _BatchRows)) for s in samplers)
+
+
+class _BatchRows:
+    """A batch sampler for a map-style Dataset with :func:`batch_rows`' sharding."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, drop_last: bool,
+                 shard: tuple[int, int], pad: bool):
+        self.args = dict(batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                         shard=shard, pad=pad)
+        self.n = n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for rows in batch_rows(self.n, **self.args):
+            yield rows.tolist()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in batch_rows(self.n, **{**self.args, "shuffle": False}))

@@ -18,6 +18,10 @@ Layout of a cache directory::
       tail_at.npy          mode="topk" with tail_temperatures=(T1, ...): (N, m) float32,
                            log(sum exp(z / Tj)) over the same C - k logits, one column per Tj
       feature.<layer>.npy  one per tapped layer: (N, *shape) in `dtype`
+      view_seeds.npy       with views=V: (V, N) int64, the seed of sample i's view v
+
+With ``views=V`` every output array has ``V * N`` rows: row ``v * N + i`` holds the
+teacher's outputs for view ``v`` of sample ``i``.
 
 **The top-k tail.** ``tail[i] = log(sum_{c not in top-k} exp(z_ic))`` at ``T = 1``, so the
 teacher's probability mass outside the top k is ``exp(tail - logsumexp([topk_values,
@@ -43,6 +47,18 @@ opened with ``temperature=4`` (or given ``cached.temperature = 4``) then fills t
 with ``4 * (tail_at - log(C - k))``, which makes the softmax at ``T = 4`` exact for the
 top-k classes and the tail mass (and the ``T = 1`` distribution the approximate one).
 Set it to the temperature the Distiller is compiled with: the teacher is not told.
+
+**Augmentation views.** A cache of the un-augmented samples cannot serve a student that
+trains on augmented inputs: the teacher's outputs would be for other inputs. A build with
+``views=V, augment=aug`` stores ``V`` augmented views per sample instead: view ``v`` of
+sample ``i`` is ``aug.seeded(x[i], view_seeds[v, i])`` (seeded augmentations draw from the
+per-sample seed alone, see :mod:`kdistill.data.augment`), and the manifest records the
+augmentation (``aug.to_config()``) and the seeds. In epoch ``e`` the Distiller trains on
+view ``e mod V``: it rebuilds each batch's inputs from the stored seeds
+(:meth:`CachedTeacher.augment_batch`), so the student sees exactly the input the teacher
+saw, in any batch order, after a resume, on any device. ``V`` epochs of views cost ``V``
+teacher passes once; a longer run cycles through them (the student sees each view
+``epochs / V`` times, where online distillation would draw a fresh one every epoch).
 
 **Atomic and resumable.** A build writes into ``path.tmp-<pid>/`` and renames it to
 ``path`` only once every row, the checksums and the manifest are on disk: ``path`` is
@@ -79,6 +95,7 @@ FORMAT = "kdistill-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+VIEW_SEEDS = "view_seeds.npy"
 
 #: A build commits its progress (flushes the arrays, then writes ``progress.json``) at
 #: least this often, in seconds, and whenever it stops on an exception.
@@ -217,6 +234,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def estimate_size(teacher: nn.Module, x: torch.Tensor | np.ndarray, *, mode: str = "full", k: int | None = None,
+                  dtype: str = "float16", features: Iterable[str] = (), tail_temperatures: Iterable[float] = (),
+                  views: int = 0) -> dict[str, Any]:
+    """What a :meth:`TeacherCache.build` with these settings would store, from one teacher
+    forward on one sample (report it before building: cached feature maps can be large).
+
+    Returns:
+        ``{"num_samples", "rows", "bytes_per_sample", "total_bytes", "files": {file:
+        bytes per sample}}`` (bytes per sample over every view; headers excluded).
+    """
+    module = _teacher_module(teacher)
+    features = sorted(set([features] if isinstance(features, str) else features))
+    inputs = _as_inputs(x)
+    n, rows_per_sample = int(inputs.shape[0]), max(int(views), 1)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    taps = FeatureTaps(module, features, role="teacher").install() if features else None
+    try:
+        with torch.inference_mode():
+            logits = CheckedForward("teacher")(module, inputs[:1].to(device))
+            captured = taps.pop() if taps is not None else {}
+    finally:
+        if taps is not None:
+            taps.remove()
+        module.train(was_training)
+    temps = sorted({float(t) for t in tail_temperatures} - {1.0})
+    rows = _encode(logits, captured, features, mode, k, temps, dtype, 0)
+    files = {fname: int(value[0].nbytes) * rows_per_sample for fname, value in rows.items()}
+    if views:
+        files[VIEW_SEEDS] = 8 * int(views)
+    per_sample = sum(files.values())
+    return {"num_samples": n, "rows": n * rows_per_sample, "bytes_per_sample": per_sample,
+            "total_bytes": per_sample * n, "files": files}
+
+
+def make_view_seeds(seed: int, views: int, n: int) -> np.ndarray:
+    """``(views, n)`` int64 seeds of every sample's views, a function of ``seed`` alone."""
+    return np.random.default_rng(seed).integers(0, np.iinfo(np.int64).max, size=(views, n), dtype=np.int64)
+
+
 def _feature_file(name: str, taken: set[str]) -> str:
     """A file name for a tapped layer (``"fc:input"`` -> ``"feature.fc_input.npy"``)."""
     base = "feature." + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
@@ -274,6 +332,17 @@ class TeacherCache:
         return sorted(self.manifest["features"])
 
     @property
+    def views(self) -> int:
+        """``V``: augmented views stored per sample (0: the un-augmented samples only)."""
+        return int(self.manifest.get("views", 0))
+
+    @property
+    def augment_config(self) -> dict | None:
+        """The ``to_config()`` of the augmentation the views were made with (``None``
+        without views)."""
+        return self.manifest.get("augment")
+
+    @property
     def bytes_per_sample(self) -> int:
         """Bytes stored per sample, over every array (headers excluded)."""
         return int(self.manifest["bytes_per_sample"])
@@ -283,8 +352,8 @@ class TeacherCache:
 
         Returns:
             ``{"path", "mode", "k", "tail_temperatures", "dtype", "num_samples", "num_classes", "logits_shape",
-            "features", "bytes_per_sample", "total_bytes", "teacher", "dataset",
-            "kdistill_version", "format_version"}``.
+            "features", "views", "augment", "bytes_per_sample", "total_bytes", "teacher",
+            "dataset", "kdistill_version", "format_version"}``.
         """
         m = self.manifest
         return {
@@ -297,6 +366,8 @@ class TeacherCache:
             "num_classes": m["num_classes"],
             "logits_shape": m["logits_shape"],
             "features": dict(m["features"]),
+            "views": int(m.get("views", 0)),
+            "augment": m.get("augment"),
             "bytes_per_sample": m["bytes_per_sample"],
             "total_bytes": sum(f["bytes"] for f in m["files"].values()),
             "teacher": dict(m["teacher"]),
@@ -321,6 +392,9 @@ class TeacherCache:
         device: str | torch.device | None = None,
         dataset_name: str | None = None,
         tail_temperatures: Iterable[float] = (),
+        views: int = 0,
+        augment: Any = None,
+        seed: int = 0,
         overwrite: bool = False,
         resume: bool = True,
     ) -> "CachedTeacher":
@@ -329,8 +403,10 @@ class TeacherCache:
         The teacher runs in eval mode under ``torch.inference_mode()`` (its training flag
         is restored afterwards; it is moved to ``device``, as a Distiller would). Row ``i``
         of the cache holds the outputs for ``x[i]``, so ``fit`` must be given the same
-        data in the same order (its ``batch.index`` is the row), without augmentation:
-        the cache holds the teacher's view of the un-augmented samples. Data passed to
+        data in the same order (its ``batch.index`` is the row). Without ``views`` the
+        cache holds the teacher's outputs for the un-augmented samples and a Distiller
+        refuses to augment with it; with ``views=V, augment=aug`` it holds V augmented
+        views per sample (module docstring) and the Distiller replays them. Data passed to
         ``fit(..., unlabelled=u)`` is indexed after ``x``: build the cache over
         ``torch.cat([x, u])`` for that.
 
@@ -359,6 +435,11 @@ class TeacherCache:
                 softened distribution exactly for the top-k classes and the tail mass
                 (module docstring); e.g. ``(4.0,)`` for a Distiller compiled with
                 ``temperature=4``.
+            views: augmented views to store per sample (0: none, the samples as given).
+            augment: with ``views``: a seeded augmentation (``seeded(x, seeds)`` and
+                ``to_config()``: :class:`~kdistill.data.augment.RandomCrop`,
+                ``RandomHorizontalFlip``, ``GaussianNoise`` or a ``Compose`` of them).
+            seed: with ``views``: seeds the per-sample view seeds (recorded).
             overwrite: replace a cache of another teacher, data or settings at ``path``.
             resume: continue an interrupted build of the same teacher, data and settings.
 
@@ -366,8 +447,9 @@ class TeacherCache:
             The finished cache, opened as a :class:`CachedTeacher`.
 
         Raises:
-            ValueError: a bad ``mode``, ``k``, ``dtype`` or ``batch_size``; NaN logits; a
-                float16 overflow (values beyond 65504: use ``dtype="float32"``).
+            ValueError: a bad ``mode``, ``k``, ``dtype``, ``batch_size`` or ``views``; NaN
+                logits; a float16 overflow (values beyond 65504: use ``dtype="float32"``).
+            TypeError: ``augment`` cannot make seeded views (mixup, cutmix, a plain callable).
             CacheMismatchError: ``path`` holds a cache of another teacher, data or
                 settings and ``overwrite`` is false.
             FileExistsError: ``path`` exists and is not a teacher cache.
@@ -401,8 +483,29 @@ class TeacherCache:
         features = sorted(set(features))
         if not all(isinstance(f, str) and f for f in features):
             raise TypeError(f"features must be module paths (strings), got {features!r}")
+        aug_spec, view_seeds = None, None
+        if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+            raise ValueError(f"views must be a non-negative integer (augmented views per sample), got {views!r}")
+        if views:
+            if augment is None:
+                raise ValueError(
+                    f"views={views} needs augment=, the seeded augmentation that makes them (e.g. "
+                    "Compose([RandomCrop(4), RandomHorizontalFlip()])); views=0 caches the samples as given")
+            from ..data.augment import check_seeded
+
+            check_seeded(augment)
+            aug_spec = json.loads(json.dumps(augment.to_config()))
+        elif augment is not None:
+            raise ValueError(
+                "augment= is only used with views=V >= 1 (the number of augmented views to store per sample); "
+                "pass views, or leave augment out to cache the un-augmented samples")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         inputs = _as_inputs(x)
         n = int(inputs.shape[0])
+        total = n * max(views, 1)  # rows of every output array
+        if views:
+            view_seeds = make_view_seeds(seed, views, n)
         path = Path(path)
         dev = get_device(device)
 
@@ -417,6 +520,9 @@ class TeacherCache:
             "tail_temperatures": tail_temperatures,
             "dtype": dtype,
             "features": features,
+            "views": views,
+            "augment": aug_spec,
+            "view_seed": seed if views else None,
         }
 
         # 3. an existing directory: the same cache is opened, another one needs overwrite
@@ -436,7 +542,7 @@ class TeacherCache:
                     if not overwrite:
                         raise CacheMismatchError(
                             f"{path} already holds a teacher cache of other {_key_difference(existing, key)}; "
-                            "pass overwrite=True to replace it, or build into another path"
+                            "pass overwrite=True (kdistill cache build --overwrite) to replace it, or build into another path"
                         )
                 replace = True
             elif any(path.iterdir()):
@@ -470,18 +576,25 @@ class TeacherCache:
         committed = rows_done
         try:
             with torch.inference_mode():
-                for start in range(rows_done, n, batch_size):
-                    stop = min(n, start + batch_size)
-                    logits = forward(module, inputs[start:stop].to(dev))  # (B, C) or (B, T, V)
+                start = rows_done
+                while start < total:
+                    # rows v*N + i0 .. v*N + i1 - 1: samples i0 .. i1 - 1 of view v (a batch never spans views)
+                    v, i0 = divmod(start, n)
+                    i1 = min(n, i0 + batch_size)
+                    stop = v * n + i1
+                    xb = inputs[i0:i1].to(dev)
+                    if views:
+                        xb = augment.seeded(xb, torch.from_numpy(view_seeds[v, i0:i1]))
+                    logits = forward(module, xb)  # (B, C) or (B, T, V)
                     captured = taps.pop() if taps is not None else {}
-                    rows = _encode(logits, captured, features, mode, k, tail_temperatures, dtype, start)
+                    rows = _encode(logits, captured, features, mode, k, tail_temperatures, dtype, i0)
                     if arrays is None:
                         layout, logits_shape = _layout(rows, features), list(logits.shape[1:])
-                        arrays = _create_arrays(tmp, layout, rows, n)
-                    _check_rows(rows, arrays, logits, logits_shape, start)
+                        arrays = _create_arrays(tmp, layout, rows, total)
+                    _check_rows(rows, arrays, logits, logits_shape, i0)
                     for fname, value in rows.items():
                         arrays[fname][start:stop] = value
-                    rows_done = stop
+                    rows_done = start = stop
                     if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                         _commit(tmp, arrays, key, layout, logits_shape, rows_done)
                         committed, last_commit = rows_done, time.monotonic()
@@ -498,7 +611,8 @@ class TeacherCache:
                 shutil.rmtree(tmp, ignore_errors=True)
             elif hasattr(e, "add_note"):
                 e.add_note(
-                    f"kdistill: the teacher cache build stopped after {committed} of {n} samples; "
+                    f"kdistill: the teacher cache build stopped after {committed} of {total} "
+                    + (f"rows ({views} views x {n} samples); " if views else "samples; ") +
                     f"its progress is kept in {tmp} and the same TeacherCache.build call resumes it"
                 )
             raise
@@ -514,10 +628,16 @@ class TeacherCache:
             f = tmp / fname
             files[fname] = {
                 **info,
-                "shape": [n, *info["shape"]],
+                "shape": [total, *info["shape"]],
+                "bytes_per_sample": info["bytes_per_sample"] * max(views, 1),  # over every view
                 "bytes": f.stat().st_size,
                 "sha256": _file_sha256(f),
             }
+        if views:
+            f = tmp / VIEW_SEEDS
+            np.save(f, view_seeds, allow_pickle=False)
+            files[VIEW_SEEDS] = {"role": "view_seeds", "dtype": view_seeds.dtype.str, "shape": [views, n],
+                                 "bytes_per_sample": 8 * views, "bytes": f.stat().st_size, "sha256": _file_sha256(f)}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -538,6 +658,9 @@ class TeacherCache:
             "tail": TAIL_DESCRIPTION if mode == "topk" else None,
             "tail_temperatures": tail_temperatures,
             "features": {name: info["shape"] for name, info in _feature_infos(layout).items()},
+            "views": views,
+            "augment": aug_spec,
+            "view_seed": seed if views else None,
             "files": files,
             "bytes_per_sample": sum(info["bytes_per_sample"] for info in files.values()),
         }
@@ -687,6 +810,7 @@ class CachedTeacher(TeacherCache):
                                if info["role"].startswith("feature:")}
         self._selected: list[str] | None = None  # None: every cached layer
         self._temperature = 1.0
+        self._augmentation = None  # rebuilt from the manifest on first use
 
     @property
     def temperature(self) -> float:
@@ -712,6 +836,42 @@ class CachedTeacher(TeacherCache):
     def parameters(self) -> Iterator[nn.Parameter]:
         """No parameters: nothing of a cached teacher trains or is frozen."""
         return iter(())
+
+    @property
+    def augmentation(self) -> Any:
+        """The seeded augmentation the views were made with, rebuilt from the manifest
+        (``None`` without views)."""
+        if self.views and self._augmentation is None:
+            from ..data.augment import from_config
+
+            self._augmentation = from_config(self.augment_config)
+        return self._augmentation
+
+    def view_of_epoch(self, epoch: int) -> int:
+        """The view a student trains on in ``epoch``: ``epoch mod V``."""
+        if not self.views:
+            raise ValueError(f"teacher cache {self.path} holds no augmented views (built with views=0)")
+        return int(epoch) % self.views
+
+    def augment_batch(self, batch: Batch, epoch: int) -> Batch:
+        """The batch as the teacher saw it in view ``epoch mod V``: each sample's inputs
+        augmented from its stored seed, ``batch.view`` set so the cache serves that view.
+
+        The Distiller calls this on every training batch of a cache with views; call it in
+        your own loop before ``train_step``.
+
+        Args:
+            batch: un-augmented training samples with their ``index``.
+            epoch: the epoch (0-based).
+
+        Raises:
+            ValueError: the cache holds no views, or the batch has no index.
+        """
+        view = self.view_of_epoch(epoch)
+        rows = self._rows(Batch(batch.inputs, batch.targets, batch.index, None, 0))  # view 0: the sample rows
+        seeds = torch.from_numpy(np.ascontiguousarray(self._arrays[VIEW_SEEDS][view, rows]))
+        inputs = self.augmentation.seeded(batch.inputs, seeds)
+        return Batch(inputs, batch.targets, batch.index, batch.mix, view)
 
     def set_taps(self, paths: Iterable[str]) -> None:
         """Serve only these cached layers in ``Outputs.features`` (``[]``: none).
@@ -746,6 +906,7 @@ class CachedTeacher(TeacherCache):
             )
         rows = index.detach().to("cpu", torch.int64).numpy()
         n = self.num_samples
+        view = batch.view
         bad = (rows < 0) | (rows >= n)
         if bad.any():
             first = int(rows[bad][0])
@@ -755,7 +916,20 @@ class CachedTeacher(TeacherCache):
                 "the cache was built on; data passed as fit(..., unlabelled=u) comes after x, so build the "
                 "cache over torch.cat([x, u]) for it."
             )
-        return rows
+        if not self.views:
+            if view is not None:
+                raise CacheMismatchError(
+                    f"the batch is view {view} of an augmented cache, but teacher cache {self.path} holds the "
+                    "un-augmented samples only (views=0); augment with the cache that made the view")
+            return rows
+        if view is None:
+            raise ValueError(
+                f"teacher cache {self.path} holds {self.views} augmented views per sample, and this batch says "
+                "none: the Distiller applies them itself (fit without augment=); in your own loop pass "
+                "cached.augment_batch(batch, epoch) to train_step")
+        if not 0 <= int(view) < self.views:
+            raise CacheMismatchError(f"batch.view is {view}, teacher cache {self.path} holds views 0..{self.views - 1}")
+        return rows + int(view) * n
 
     def __call__(self, batch: Batch) -> Outputs:
         """The cached outputs of the batch's samples.
@@ -972,7 +1146,7 @@ def _claim_temp(path: Path, key: dict, resume: bool) -> tuple[Path, dict | None]
 
 def _reopen_arrays(tmp: Path, progress: dict) -> dict[str, np.memmap] | None:
     """The arrays of an interrupted build, writable; ``None`` if they do not match its record."""
-    n = progress["key"]["num_samples"]
+    n = progress["key"]["num_samples"] * max(int(progress["key"].get("views", 0)), 1)
     if not isinstance(progress.get("logits_shape"), list) or not isinstance(progress.get("layout"), dict):
         return None
     arrays = {}
@@ -1032,13 +1206,17 @@ def _manifest_key(manifest: dict[str, Any]) -> dict[str, Any]:
         "tail_temperatures": manifest["tail_temperatures"],
         "dtype": manifest["dtype"],
         "features": sorted(manifest["features"]),
+        "views": int(manifest.get("views", 0)),
+        "augment": manifest.get("augment"),
+        "view_seed": manifest.get("view_seed"),
     }
 
 
 def _key_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     """Which parts of two build keys differ, in words."""
     parts = []
-    for name in ("teacher", "dataset", "num_samples", "mode", "k", "tail_temperatures", "dtype", "features"):
+    for name in ("teacher", "dataset", "num_samples", "mode", "k", "tail_temperatures", "dtype", "features",
+                 "views", "augment", "view_seed"):
         if found.get(name) != wanted.get(name):
             parts.append(f"{name} ({found.get(name)} there, {wanted.get(name)} asked for)"
                          if name not in ("teacher", "dataset") else f"{name} weights/bytes")

@@ -1,0 +1,97 @@
+"""Programs the distributed tests start with torchrun (or plainly, as one process).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 workers.py CASE OUT_DIR
+
+Each process prints one ``RESULT {json}`` line; rank 0 also saves the student's weights
+under OUT_DIR. Cases: ``distil`` (live teacher, KD + a FitNets hint with an adapter),
+``cache`` (a teacher cache rank 0 builds and every process maps), ``mismatch`` (rank 1's
+teacher scores other classes: every process must fail, quickly, naming rank 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdistill import Distiller, distributed
+from kdistill.losses import HintLoss, KDLoss, WeightedSum
+from kdistill.teacher import TeacherCache
+
+N, D, C, BATCH = 256, 8, 10, 32
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+def models(classes: int = C):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, classes))
+    student = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
+    return teacher, student
+
+
+class Recording(Distiller):
+    """Records what each step saw: the samples, the wrapper the student ran in."""
+
+    def train_step(self, batch):
+        self.seen.append(batch.index.tolist())
+        self.wrappers.add(type(self.training_model).__name__)
+        return super().train_step(batch)
+
+
+def distil(out: Path, teacher, student, x, y, loss) -> dict:
+    d = Recording(student=student, teacher=teacher, device="cpu")
+    d.seen, d.wrappers = [], set()
+    d.compile(torch.optim.Adam(student.parameters(), lr=0.01), metrics=["accuracy"], alpha=0.3,
+              temperature=4, distillation_loss_fn=loss)
+    history = d.fit(x, y, epochs=2, batch_size=BATCH, seed=0, verbose=0, validation_data=(x[:50], y[:50]))
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    weights.update({f"loss.{k}": v.clone() for k, v in d.distillation_loss.state_dict().items()})
+    if distributed.is_main():
+        torch.save(weights, out / "student.pt")
+    live = getattr(d.teacher, "module", None)
+    return {"seen": d.seen, "wrappers": sorted(d.wrappers), "history": history.history,
+            "teacher_wrapped": live is not None and not isinstance(live, nn.Sequential),
+            "teacher_trainable": live is not None and any(p.requires_grad for p in live.parameters())}
+
+
+def main() -> None:
+    case, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = data()
+    result: dict = {}
+    if case == "distil":
+        teacher, student = models()
+        loss = WeightedSum({"kd": (KDLoss(temperature=4), 1.0),
+                            "hint": (HintLoss(student_layer="0", teacher_layer="0"), 0.5)})
+        result = distil(out, teacher, student, x, y, loss)
+    elif case == "cache":
+        teacher, student = models()
+        path = out / "teacher_cache"
+        if distributed.is_main():
+            TeacherCache.build(teacher, x, path, dtype="float32", device="cpu")
+        distributed.barrier()
+        cached = TeacherCache.open(path, teacher=teacher, x=x)
+        result = distil(out, cached, student, x, y, KDLoss(temperature=4))
+        result["cache_pages_shared"] = cached.describe()["total_bytes"]
+    elif case == "mismatch":
+        # (the process group does not exist yet: the Distiller joins it; torchrun set RANK)
+        teacher, student = models(classes=7 if os.environ.get("RANK") == "1" else C)
+        try:
+            distil(out, teacher, student, x, y, KDLoss(temperature=4))
+        except distributed.DistributedError as e:
+            result = {"error": str(e), "type": type(e).__name__}
+        except Exception as e:  # noqa: BLE001 - reported, the test says what was expected
+            result = {"error": str(e), "type": type(e).__name__}
+    print("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
