@@ -400,8 +400,10 @@ class TeacherCache:
     ) -> "CachedTeacher":
         """Run ``teacher`` once over ``x`` (in order) and store its outputs in ``path``.
 
-        The teacher runs in eval mode under ``torch.inference_mode()`` (its training flag
-        is restored afterwards; it is moved to ``device``, as a Distiller would). Row ``i``
+        The teacher runs as a Distiller runs it: through a
+        :class:`~kdistill.teacher.LiveTeacher` (eval mode, ``torch.inference_mode()``, its
+        speed options; pass a ``LiveTeacher`` to choose them), moved to ``device``; its
+        training and ``requires_grad`` flags are restored afterwards. Row ``i``
         of the cache holds the outputs for ``x[i]``, so ``fit`` must be given the same
         data in the same order (its ``batch.index`` is the row). Without ``views`` the
         cache holds the teacher's outputs for the un-augmented samples and a Distiller
@@ -507,7 +509,12 @@ class TeacherCache:
         if views:
             view_seeds = make_view_seeds(seed, views, n)
         path = Path(path)
-        dev = get_device(device)
+        from .live import LiveTeacher
+
+        if isinstance(teacher, LiveTeacher) and device is None:  # it runs where it was put
+            dev = next((q.device for q in module.parameters()), get_device(None))
+        else:
+            dev = get_device(device)
 
         # 2. what is being built: the key an existing or interrupted build must match
         key = {
@@ -566,12 +573,14 @@ class TeacherCache:
         layout: dict[str, dict[str, Any]] = {} if arrays is None else progress["layout"]
         logits_shape: list[int] = [] if arrays is None else progress["logits_shape"]
 
-        # 5. run the teacher over the rows not done yet, committing progress as it goes
-        module.to(dev)
+        # 5. run the teacher over the rows not done yet, committing progress as it goes. It
+        # runs as a Distiller runs it (a LiveTeacher, with its speed options), so a float32
+        # cache holds exactly what online distillation would get.
         was_training = module.training
-        module.eval()
-        taps = FeatureTaps(module, features, role="teacher").install() if features else None
-        forward = CheckedForward("teacher")
+        grad_flags = [p.requires_grad for p in module.parameters()]
+        live = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(module, dev)
+        if features:
+            live.set_taps(features)
         last_commit = time.monotonic()
         committed = rows_done
         try:
@@ -585,8 +594,8 @@ class TeacherCache:
                     xb = inputs[i0:i1].to(dev)
                     if views:
                         xb = augment.seeded(xb, torch.from_numpy(view_seeds[v, i0:i1]))
-                    logits = forward(module, xb)  # (B, C) or (B, T, V)
-                    captured = taps.pop() if taps is not None else {}
+                    out = live(Batch(xb))
+                    logits, captured = out.logits, out.features  # (B, C) or (B, T, V); tapped layers
                     rows = _encode(logits, captured, features, mode, k, tail_temperatures, dtype, i0)
                     if arrays is None:
                         layout, logits_shape = _layout(rows, features), list(logits.shape[1:])
@@ -617,9 +626,11 @@ class TeacherCache:
                 )
             raise
         finally:
-            if taps is not None:
-                taps.remove()
+            if features:
+                live.set_taps([])
             module.train(was_training)
+            for p, flag in zip(module.parameters(), grad_flags):
+                p.requires_grad_(flag)
 
         # 6. checksums and manifest, then one rename makes the cache appear whole
         arrays.clear()  # close the memory maps before hashing and renaming
