@@ -462,12 +462,8 @@ def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp
                 f"({tc.views or 1} view(s) x {len(x):,} samples), {size['bytes_per_sample']:,} bytes per sample, "
                 f"{size['total_bytes'] / 2**20:,.1f} MiB")
     started = time.perf_counter()
-    cached = distributed.run_together(  # rank 0 builds (or opens) it, then the others map the same files
-        "[distil] building the teacher cache",
-        lambda: TeacherCache.build(teacher, x, path, device=ctx.device, dataset_name=ctx.data.name, **settings)
-        if distributed.is_main() else None)
-    if cached is None:
-        cached = TeacherCache.open(path, verify=False)
+    # (with several processes rank 0 builds or opens it, then the others map the same files)
+    cached = TeacherCache.build(teacher, x, path, device=ctx.device, dataset_name=ctx.data.name, **settings)
     if tc.mode == "topk":
         cached.temperature = ds.temperature
     ctx.log(f"[distil] distilling from the teacher cache {path} ({cached.mode}"
@@ -652,7 +648,9 @@ def _measure(ctx: _Context, models: dict[str, nn.Module], results: dict[str, dic
     preds = {name: _predict(m, x_test, ctx.device, cfg.data.eval_batch_size) for name, m in models.items()}
     out: dict[str, dict] = {}
     for name, model in models.items():
-        model.cpu()  # latency and throughput are the CPU's, whatever trained the model
+        # latency and throughput are the CPU's, whatever trained the model, in the ordinary
+        # memory format (a live teacher may have run channels-last)
+        model.to("cpu", memory_format=torch.contiguous_format)
         out[name] = {
             "test_accuracy": float((preds[name] == y_test).float().mean()),
             **benchmark_model(model, data.input_shape, latency_batch=cfg.report.latency_batch,

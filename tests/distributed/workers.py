@@ -75,12 +75,11 @@ def main() -> None:
     elif case == "cache":
         teacher, student = models()
         path = out / "teacher_cache"
-        if distributed.is_main():
-            TeacherCache.build(teacher, x, path, dtype="float32", device="cpu")
-        distributed.barrier()
+        # as in a single process: every process calls build (which joins the process group);
+        # rank 0 builds, the others map its files
+        TeacherCache.build(teacher, x, path, dtype="float32", device="cpu")
         cached = TeacherCache.open(path, teacher=teacher, x=x)
-        result = distil(out, cached, student, x, y, KDLoss(temperature=4))
-        result["cache_pages_shared"] = cached.describe()["total_bytes"]
+        result.update(distil(out, cached, student, x, y, KDLoss(temperature=4)))
     elif case == "mismatch":
         # (the process group does not exist yet: the Distiller joins it; torchrun set RANK)
         teacher, student = models(classes=7 if os.environ.get("RANK") == "1" else C)

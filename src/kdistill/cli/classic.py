@@ -96,5 +96,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config or shipped_config(), overrides_from_args(args))
     run_dir = Path(args.out) if args.out else config.run_dir()
     metrics = run_experiment(config, run_dir=run_dir, force=args.force, verbose=2 if args.quiet else 1)
-    print_summary(metrics, run_dir)
+    from .. import distributed
+
+    if distributed.is_main():
+        print_summary(metrics, run_dir)
     return 0

@@ -86,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n=== [{i}/{len(points)}] {label}")
         metrics = run_experiment(config, run_dir=out / label, force=args.force, verbose=2 if args.quiet else 1)
         results.append((label, params, metrics))
-    # 3. compare: one table, one plot per swept key
+    # 3. compare: one table, one plot per swept key (rank 0 of a multi-process sweep)
+    from .. import distributed
+
+    if not distributed.is_main():
+        return 0
     rows = compare_runs([(label, m) for label, _, m in results])
     for row, (_, params, _) in zip(rows, results):
         row["params"] = {_short(k): v for k, v in params.items()}

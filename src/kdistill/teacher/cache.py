@@ -455,7 +455,29 @@ class TeacherCache:
             CacheMismatchError: ``path`` holds a cache of another teacher, data or
                 settings and ``overwrite`` is false.
             FileExistsError: ``path`` exists and is not a teacher cache.
+
+        In a multi-process run (torchrun) call it on every process, as a single-process
+        script would: rank 0 builds, the others wait and then map the same files (an
+        error on rank 0 is raised on every process).
         """
+        from .. import distributed
+
+        args = dict(mode=mode, k=k, dtype=dtype, batch_size=batch_size, features=features, device=device,
+                    dataset_name=dataset_name, tail_temperatures=tail_temperatures, views=views, augment=augment,
+                    seed=seed, overwrite=overwrite, resume=resume)
+        if not distributed.init():  # started by torchrun: join its process group first
+            return cls._build_here(teacher, x, path, **args)
+        built = distributed.run_together(
+            f"building the teacher cache {path}",
+            lambda: cls._build_here(teacher, x, path, **args) if distributed.is_main() else None)
+        return built if built is not None else CachedTeacher.open(path, verify=False)
+
+    @classmethod
+    def _build_here(cls, teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os.PathLike, *, mode: str,
+                    k: int | None, dtype: str, batch_size: int, features: Iterable[str],
+                    device: str | torch.device | None, dataset_name: str | None, tail_temperatures: Iterable[float],
+                    views: int, augment: Any, seed: int, overwrite: bool, resume: bool) -> "CachedTeacher":
+        """:meth:`build` in this process."""
         from .. import __version__
         from ..runtime import get_device
 
