@@ -462,7 +462,7 @@ def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp
                 f"({tc.views or 1} view(s) x {len(x):,} samples), {size['bytes_per_sample']:,} bytes per sample, "
                 f"{size['total_bytes'] / 2**20:,.1f} MiB")
     started = time.perf_counter()
-    # (with several processes rank 0 builds or opens it, then the others map the same files)
+    # (with several processes one builds it, the others wait on its lock and map the same files)
     cached = TeacherCache.build(teacher, x, path, device=ctx.device, dataset_name=ctx.data.name, **settings)
     if tc.mode == "topk":
         cached.temperature = ds.temperature

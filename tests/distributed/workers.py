@@ -75,8 +75,8 @@ def main() -> None:
     elif case == "cache":
         teacher, student = models()
         path = out / "teacher_cache"
-        # as in a single process: every process calls build (which joins the process group);
-        # rank 0 builds, the others map its files
+        # as in a single process: every process calls build; one builds, the others wait
+        # on its lock and open the result
         TeacherCache.build(teacher, x, path, dtype="float32", device="cpu")
         cached = TeacherCache.open(path, teacher=teacher, x=x)
         result.update(distil(out, cached, student, x, y, KDLoss(temperature=4)))

@@ -56,6 +56,11 @@ def shuffled(n: int = N, seed: int = 3) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+def entries(folder: Path) -> list[str]:
+    """What a build left in ``folder``, without the lock files builds take turns on."""
+    return [name for name in os.listdir(folder) if not (name.startswith(".") and name.endswith(".lock"))]
+
+
 def files_of(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
@@ -66,7 +71,7 @@ def test_full_float32_round_trip_is_the_live_teachers_outputs_with_features(tmp_
     cached = TeacherCache.build(teacher, x, tmp_path / "c", dtype="float32", batch_size=40,
                                 features=["1", "0:input"], device="cpu", dataset_name="toy")
     assert isinstance(cached, CachedTeacher)
-    assert sorted(os.listdir(tmp_path)) == ["c"]  # the temporary directory is gone
+    assert sorted(entries(tmp_path)) == ["c"]  # the temporary directory is gone
     assert sorted(os.listdir(tmp_path / "c")) == ["feature.0_input.npy", "feature.1.npy", "logits.npy", "manifest.json"]
     index = shuffled()[:17]
     expected = live(teacher, index, x, taps=["1", "0:input"])
@@ -287,7 +292,7 @@ def test_refuses_bad_build_arguments(tmp_path):
     nn.init.constant_(big.weight, 1e4)
     with pytest.raises(ValueError, match="beyond float16's range.*dtype='float32'"):
         TeacherCache.build(big, x, tmp_path / "c", device="cpu")
-    assert os.listdir(tmp_path) == []  # failed before any row: nothing left behind
+    assert entries(tmp_path) == []  # failed before any row: nothing left behind
 
 
 # --------------------------------------------------------------------------- atomic, resumable
@@ -317,13 +322,13 @@ def test_a_failed_build_leaves_no_cache_directory(tmp_path):
     handle, _ = interrupt_after(teacher, 0)
     with pytest.raises(Interrupt):
         TeacherCache.build(teacher, x, tmp_path / "c", batch_size=16, device="cpu")
-    assert os.listdir(tmp_path) == []  # nothing done: the temporary directory is removed too
+    assert entries(tmp_path) == []  # nothing done: the temporary directory is removed too
     handle.remove()
     handle, _ = interrupt_after(teacher, 2)
     with pytest.raises(Interrupt) as e:
         TeacherCache.build(teacher, x, tmp_path / "c", batch_size=16, device="cpu")
     assert not (tmp_path / "c").exists()  # never a partial cache at the destination
-    assert os.listdir(tmp_path) == [f"c.tmp-{os.getpid()}"]  # only the progress, kept for resuming
+    assert entries(tmp_path) == [f"c.tmp-{os.getpid()}"]  # only the progress, kept for resuming
     if sys.version_info >= (3, 11):  # exception notes
         assert "stopped after 32 of 96 samples" in " ".join(e.value.__notes__)
     with pytest.raises(CacheError, match=r"unfinished build is at .*c.tmp-\d+: run the same TeacherCache.build call"):
@@ -346,7 +351,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_build_byte_for_by
     handle.remove()
     assert count["n"] == 3  # rows 48..95 only: it continued instead of starting over
     assert files_of(tmp_path / "c") == files_of(tmp_path / "clean")
-    assert sorted(os.listdir(tmp_path)) == ["c", "clean"]
+    assert sorted(entries(tmp_path)) == ["c", "clean"]
     TeacherCache.open(tmp_path / "c", teacher=teacher, x=x)  # checksums verified
 
 
@@ -394,14 +399,14 @@ def test_building_again_opens_the_same_cache_and_refuses_another_without_overwri
     with pytest.raises(CacheMismatchError, match=r"already holds a teacher cache of other mode .*overwrite=True"):
         TeacherCache.build(teacher, x, tmp_path / "c", mode="topk", k=2, device="cpu")
     replaced = TeacherCache.build(teacher, x, tmp_path / "c", mode="topk", k=2, device="cpu", overwrite=True)
-    assert replaced.mode == "topk" and sorted(os.listdir(tmp_path)) == ["c"]
+    assert replaced.mode == "topk" and sorted(entries(tmp_path)) == ["c"]
     data = bytearray((tmp_path / "c" / "tail.npy").read_bytes())
     data[-1] ^= 0xFF
     (tmp_path / "c" / "tail.npy").write_bytes(bytes(data))
     with pytest.raises(CacheError, match="checksum of tail.npy"):
         TeacherCache.build(teacher, x, tmp_path / "c", mode="topk", k=2, device="cpu")
     repaired = TeacherCache.build(teacher, x, tmp_path / "c", mode="topk", k=2, device="cpu", overwrite=True)
-    assert repaired.mode == "topk" and sorted(os.listdir(tmp_path)) == ["c"]
+    assert repaired.mode == "topk" and sorted(entries(tmp_path)) == ["c"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not empty and holds no manifest.json"):
@@ -447,3 +452,34 @@ def test_distilling_a_feature_loss_from_cached_features_matches_the_live_teacher
     from_cache = distil(cached, student, x, y, loss=HintLoss("1", "1", weight=1.0))
     for name, value in from_live.items():
         assert torch.equal(from_cache[name], value), name
+
+
+def test_concurrent_builds_of_one_path_take_turns(tmp_path):
+    """Two processes building the same cache at once (every rank of a torchrun script, say):
+    one builds, the other waits on the lock and opens the result."""
+    teacher, (x, _) = make_teacher(), make_data()
+    torch.save({"teacher": teacher.state_dict(), "x": x}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        from torch import nn
+        from kdistill.teacher import TeacherCache
+        saved = torch.load({str(tmp_path / "inputs.pt")!r})
+        teacher = nn.Sequential(nn.Linear({D}, 32), nn.ReLU(), nn.Linear(32, {C}))
+        teacher.load_state_dict(saved["teacher"])
+        calls = []
+        def slow(m, a):  # long enough for the other process to arrive while this one builds
+            calls.append(1)
+            time.sleep(0.05)
+        teacher.register_forward_pre_hook(slow)
+        TeacherCache.build(teacher, saved["x"], {str(tmp_path / "c")!r}, batch_size=16, device="cpu")
+        print("forwards", len(calls))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(kdistill.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    forwards = sorted(int(o[0].split()[-1]) for o in outs)
+    assert forwards == [0, N // 16]  # one built every row, the other opened its cache
+    assert sorted(entries(tmp_path)) == ["c", "inputs.pt"]
+    TeacherCache.open(tmp_path / "c", teacher=teacher, x=x)

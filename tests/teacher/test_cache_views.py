@@ -18,7 +18,7 @@ from kdistill.losses import FTLoss, HintLoss
 from kdistill.outputs import Batch
 from kdistill.teacher import CachedTeacher, CacheMismatchError, TeacherCache
 from kdistill.teacher.cache import make_view_seeds
-from test_cache import Interrupt, count_forwards, files_of, interrupt_after  # the cache tests' helpers
+from test_cache import Interrupt, count_forwards, entries, files_of, interrupt_after  # the cache tests' helpers
 
 N, C, V, SEED = 48, 10, 3, 7
 
@@ -362,7 +362,7 @@ def test_build_refuses_bad_view_arguments(tmp_path):
             build(teacher, x, path, views=bad)
     with pytest.raises(ValueError, match="seed must be an integer"):
         build(teacher, x, path, seed=1.0)
-    assert os.listdir(tmp_path) == []  # nothing left behind
+    assert entries(tmp_path) == []  # nothing left behind
 
 
 # --------------------------------------------------------------------------- rebuild, resume
@@ -382,7 +382,7 @@ def test_building_again_opens_it_and_other_view_settings_are_refused(tmp_path):
             build(teacher, x, path, **kw)
     replaced = build(teacher, x, path, seed=SEED + 1, overwrite=True)
     assert np.array_equal(np.load(path / "view_seeds.npy"), make_view_seeds(SEED + 1, V, N))
-    assert replaced.manifest["view_seed"] == SEED + 1 and sorted(os.listdir(tmp_path)) == ["c"]
+    assert replaced.manifest["view_seed"] == SEED + 1 and sorted(entries(tmp_path)) == ["c"]
 
 
 @pytest.mark.parametrize("calls", [3, 4, 8])
@@ -405,5 +405,5 @@ def test_an_interrupted_views_build_resumes_and_matches_an_uninterrupted_one(tmp
     handle.remove()
     assert count["n"] == V * per_view - calls  # only the batches not done
     assert files_of(tmp_path / "c") == files_of(tmp_path / "clean")
-    assert sorted(os.listdir(tmp_path)) == ["c", "clean"]
+    assert sorted(entries(tmp_path)) == ["c", "clean"]
     TeacherCache.open(tmp_path / "c", teacher=teacher, x=x)  # checksums verified

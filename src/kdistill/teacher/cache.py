@@ -71,6 +71,7 @@ before its first row is committed removes its temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -270,6 +271,21 @@ def estimate_size(teacher: nn.Module, x: torch.Tensor | np.ndarray, *, mode: str
             "total_bytes": per_sample * n, "files": files}
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` (POSIX ``flock``; no lock
+    where ``fcntl`` does not exist): concurrent builds of one cache take turns."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builds of one path must not run at once
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def make_view_seeds(seed: int, views: int, n: int) -> np.ndarray:
     """``(views, n)`` int64 seeds of every sample's views, a function of ``seed`` alone."""
     return np.random.default_rng(seed).integers(0, np.iinfo(np.int64).max, size=(views, n), dtype=np.int64)
@@ -456,21 +472,15 @@ class TeacherCache:
                 settings and ``overwrite`` is false.
             FileExistsError: ``path`` exists and is not a teacher cache.
 
-        In a multi-process run (torchrun) call it on every process, as a single-process
-        script would: rank 0 builds, the others wait and then map the same files (an
-        error on rank 0 is raised on every process).
+        Builds of the same ``path`` take turns (a lock file ``.<name>.lock`` beside it):
+        when several processes call it at once (every rank of a torchrun script, or rank 0
+        alone while the others wait), one builds and the others then open its result.
         """
-        from .. import distributed
-
         args = dict(mode=mode, k=k, dtype=dtype, batch_size=batch_size, features=features, device=device,
                     dataset_name=dataset_name, tail_temperatures=tail_temperatures, views=views, augment=augment,
                     seed=seed, overwrite=overwrite, resume=resume)
-        if not distributed.init():  # started by torchrun: join its process group first
+        with _build_lock(Path(path)):
             return cls._build_here(teacher, x, path, **args)
-        built = distributed.run_together(
-            f"building the teacher cache {path}",
-            lambda: cls._build_here(teacher, x, path, **args) if distributed.is_main() else None)
-        return built if built is not None else CachedTeacher.open(path, verify=False)
 
     @classmethod
     def _build_here(cls, teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os.PathLike, *, mode: str,
