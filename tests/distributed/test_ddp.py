@@ -41,13 +41,9 @@ def torchrun(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
-def results(proc: subprocess.CompletedProcess) -> dict[int, dict]:
-    found = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            found[r["rank"]] = r
-    assert found, f"no RESULT lines (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def results(proc: subprocess.CompletedProcess, out: Path) -> dict[int, dict]:
+    found = {int(f.stem.split("-")[1]): json.loads(f.read_text()) for f in out.glob("result-*.json")}
+    assert found, f"no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return found
 
 
@@ -56,7 +52,7 @@ def run_case(tmp_path: Path, case: str, nproc: int) -> tuple[dict[int, dict], Pa
     cmd = torchrun(nproc, [str(WORKERS), case, str(out)]) if nproc > 1 else [sys.executable, str(WORKERS), case, str(out)]
     proc = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return results(proc), out
+    return results(proc, out), out
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

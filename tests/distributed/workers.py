@@ -2,8 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 workers.py CASE OUT_DIR
 
-Each process prints one ``RESULT {json}`` line; rank 0 also saves the student's weights
-under OUT_DIR. Cases: ``distil`` (live teacher, KD + a FitNets hint with an adapter),
+Each process writes ``OUT_DIR/result-<rank>.json``; rank 0 also saves the student's
+weights under OUT_DIR. Cases: ``distil`` (live teacher, KD + a FitNets hint with an adapter),
 ``cache`` (a teacher cache rank 0 builds and every process maps), ``mismatch`` (rank 1's
 teacher scores other classes: every process must fail, quickly, naming rank 1).
 """
@@ -89,7 +89,9 @@ def main() -> None:
             result = {"error": str(e), "type": type(e).__name__}
         except Exception as e:  # noqa: BLE001 - reported, the test says what was expected
             result = {"error": str(e), "type": type(e).__name__}
-    print("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), **result}), flush=True)
+    # one file per process (their stdout lines would interleave in torchrun's output)
+    record = {"rank": distributed.rank(), "world": distributed.world_size(), **result}
+    (out / f"result-{distributed.rank()}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
