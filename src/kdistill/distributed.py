@@ -256,10 +256,3 @@ def run_together(what: str, fn: Callable[[], Any]) -> Any:
         lines = "\n".join(f"  rank {r}: {msg}" for r, msg in failed)
         raise DistributedError(f"{what} failed on {len(failed)} of {world_size()} processes:\n{lines}") from error
     return result
-
-
-def shard(items: torch.Tensor, r: int | None = None, n: int | None = None) -> torch.Tensor:
-    """Process ``r``'s share of a batch of positions: ``items[r::n]``."""
-    r = rank() if r is None else r
-    n = world_size() if n is None else n
-    return items[r::n]
