@@ -37,6 +37,7 @@ valid as an uninterrupted one, and identical to it when training draws no random
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Any, Callable, Iterable
@@ -113,7 +114,17 @@ def init(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
+    atexit.register(_leave)  # a group left alive at exit can abort the process (Gloo's threads)
     return dist.get_world_size() > 1
+
+
+def _leave() -> None:
+    """Destroy the process group this module created (local: no other process needed)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - at exit, with peers possibly gone: nothing to report to
+            pass
 
 
 def is_distributed() -> bool:
