@@ -15,7 +15,7 @@ from .callbacks import (
     ProgressBar,
     TrainingCheckpoint,
 )
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .data import load_dataset, make_loader
 from .distiller import Distiller, Trainer
 from .errors import (
@@ -74,6 +74,7 @@ __all__ = [
     "get_device",
     "kd_loss",
     "load_checkpoint",
+    "load_weights",
     "load_dataset",
     "make_loader",
     "save_checkpoint",
