@@ -483,3 +483,45 @@ def test_concurrent_builds_of_one_path_take_turns(tmp_path):
     assert forwards == [0, N // 16]  # one built every row, the other opened its cache
     assert sorted(entries(tmp_path)) == ["c", "inputs.pt"]
     TeacherCache.open(tmp_path / "c", teacher=teacher, x=x)
+
+
+# --------------------------------------------------------------------------- reindexed
+def test_reindexed_serves_a_reordered_subset_from_the_stored_rows(built):
+    teacher, x, path = built
+    cached = TeacherCache.open(path)
+    rows = np.array([5, 0, 77, 13])
+    view = cached.reindexed(rows)
+    out = view(Batch(x[rows], None, torch.arange(4)))
+    torch.testing.assert_close(out.logits, teacher(x[rows]), rtol=1e-6, atol=1e-6)
+    # a view of a view composes, and the original cache is untouched
+    inner = view.reindexed([3, 1])
+    torch.testing.assert_close(inner(Batch(x[[13, 0]], None, torch.arange(2))).logits, teacher(x[[13, 0]]),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached(Batch(x[:2], None, torch.arange(2))).logits, teacher(x[:2]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(CacheMismatchError, match=r"serves 4 samples \(reindexed"):
+        view(Batch(x[:1], None, torch.tensor([4])))
+
+
+def test_reindexed_refuses_bad_rows(built):
+    _, _, path = built
+    cached = TeacherCache.open(path)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 96\).*to 96"):
+        cached.reindexed([0, 96])
+    with pytest.raises(ValueError, match="repeats a stored row"):
+        cached.reindexed([1, 1])
+    with pytest.raises(ValueError, match="1-D array of integer"):
+        cached.reindexed(np.array([0.5]))
+
+
+def test_distilling_through_a_reindexed_cache_equals_a_cache_of_that_data(tmp_path):
+    x, y = make_data()
+    teacher = trained_teacher(x, y)
+    torch.manual_seed(7)
+    student = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:60]
+    whole = TeacherCache.build(teacher, x, tmp_path / "all", dtype="float32", device="cpu")
+    own = TeacherCache.build(teacher, x[order], tmp_path / "own", dtype="float32", device="cpu")
+    via_view = distil(whole.reindexed(order), student, x[order], y[order])
+    direct = distil(own, student, x[order], y[order])
+    for name, value in direct.items():
+        assert torch.equal(via_view[name], value), name

@@ -81,7 +81,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -854,6 +854,7 @@ class CachedTeacher(TeacherCache):
         self._selected: list[str] | None = None  # None: every cached layer
         self._temperature = 1.0
         self._augmentation = None  # rebuilt from the manifest on first use
+        self._row_of: np.ndarray | None = None  # reindexed(): sample i -> stored row _row_of[i]
 
     @property
     def temperature(self) -> float:
@@ -875,6 +876,41 @@ class CachedTeacher(TeacherCache):
                 f"tail_temperatures={sorted({*self.tail_temperatures, t})}"
             )
         self._temperature = t
+
+    def reindexed(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> "CachedTeacher":
+        """This cache, serving sample ``i`` of the data you distil on from stored row ``rows[i]``.
+
+        Distil on a subset or a reordering of the data the cache was built on without a
+        second teacher pass: one cache over a whole training set serves every labelled
+        subset of it (``kdistill classic`` builds one cache and serves both its
+        few-label and its all-label regime from it). The files are shared, nothing is
+        copied; temperature and served layers start as this cache's.
+
+        Args:
+            rows: ``(M,)`` distinct stored rows in ``[0, N)``, in the order of the data
+                passed to ``fit`` (for ``fit(x, unlabelled=u)``: the rows of ``x``, then
+                those of ``u``).
+
+        Returns:
+            A :class:`CachedTeacher` whose ``batch.index`` runs over ``[0, M)``.
+
+        Raises:
+            ValueError: ``rows`` is not a 1-D integer array, repeats a row, or holds a
+                row outside ``[0, N)``.
+        """
+        r = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
+        if r.ndim != 1 or not np.issubdtype(r.dtype, np.integer):
+            raise ValueError(f"rows must be a 1-D array of integer row numbers, got shape {r.shape} {r.dtype}")
+        n = self.num_samples
+        if r.size and (r.min() < 0 or r.max() >= n):
+            raise ValueError(f"rows must lie in [0, {n}) (teacher cache {self.path} holds {n} samples), "
+                             f"got values from {int(r.min())} to {int(r.max())}")
+        if len(np.unique(r)) != len(r):
+            raise ValueError("rows repeats a stored row: give each sample of the data you distil on its own row")
+        view = CachedTeacher(self.path, self.manifest, self._arrays)
+        view._selected, view._temperature, view._augmentation = self._selected, self._temperature, self._augmentation
+        view._row_of = r.astype(np.int64) if self._row_of is None else self._row_of[r]
+        return view
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """No parameters: nothing of a cached teacher trains or is frozen."""
@@ -949,16 +985,21 @@ class CachedTeacher(TeacherCache):
             )
         rows = index.detach().to("cpu", torch.int64).numpy()
         n = self.num_samples
+        served = n if self._row_of is None else len(self._row_of)
         view = batch.view
-        bad = (rows < 0) | (rows >= n)
+        bad = (rows < 0) | (rows >= served)
         if bad.any():
             first = int(rows[bad][0])
+            what = (f"holds rows 0..{n - 1} of a dataset of {n} samples" if self._row_of is None
+                    else f"serves {served} samples (reindexed to rows of a dataset of {n})")
             raise CacheMismatchError(
                 f"batch.index holds {first} (and {int(bad.sum()) - 1} more out of range), but teacher "
-                f"cache {self.path} holds rows 0..{n - 1} of a dataset of {n} samples. Distil on the data "
+                f"cache {self.path} {what}. Distil on the data "
                 "the cache was built on; data passed as fit(..., unlabelled=u) comes after x, so build the "
                 "cache over torch.cat([x, u]) for it."
             )
+        if self._row_of is not None:
+            rows = self._row_of[rows]
         if not self.views:
             if view is not None:
                 raise CacheMismatchError(
