@@ -270,7 +270,7 @@ def test_wrong_type(raw, where, expected):
     ({"stages": {"distil": {"alpha": -0.1}}}, "stages.distil.alpha", "greater than or equal to 0"),
     ({"stages": {"distil": {"temperature": 0}}}, "stages.distil.temperature", "greater than 0 (got 0)"),
     ({"stages": {"teacher": {"temperature": -1}}}, "stages.teacher.temperature", "greater than 0"),
-    ({"stages": {"teacher": {"epochs": 0}}}, "stages.teacher.epochs", "greater than or equal to 1 (got 0)"),
+    ({"stages": {"teacher": {"epochs": -1}}}, "stages.teacher.epochs", "greater than or equal to 0 (got -1)"),
     ({"stages": {"distil": {"epochs": 0}}}, "stages.distil.epochs", "greater than or equal to 1"),
     ({"stages": {"distil": {"losses": []}}}, "stages.distil.losses", "at least 1"),
     ({"stages": {"distil": {"losses": [{"name": "kd", "weight": -1}]}}}, "stages.distil.losses.0.weight",
@@ -287,6 +287,27 @@ def test_unlabelled_needs_subset():
     msg = config_error({"data": {"unlabelled": True}})
     assert "data:" in msg and "data.unlabelled needs data.subset" in msg
     assert validate_config({"data": {"unlabelled": True, "subset": 10}}).data.unlabelled is True
+
+
+def test_teacher_epochs_default_to_zero_with_a_checkpoint_and_zero_needs_one():
+    assert validate_config({}).stages.teacher.epochs == 1
+    assert validate_config({"teacher": {"name": "classic_teacher", "checkpoint": "t.pt"}}).stages.teacher.epochs == 0
+    tuned = validate_config({"teacher": {"name": "classic_teacher", "checkpoint": "t.pt"}, "stages": {"teacher": {"epochs": 2}}})
+    assert tuned.stages.teacher.epochs == 2
+    msg = config_error({"stages": {"teacher": {"epochs": 0}}})
+    assert "stages.teacher.epochs is 0 (use the teacher as it is), but no teacher.checkpoint is given" in msg
+    assert ".safetensors" in msg
+
+
+def test_assistant_stage_is_validated():
+    c = validate_config({"stages": {"assistant": {"model": {"name": "classic_student", "width": 4}, "temperature": 2}}})
+    assert c.stages.assistant.model.kwargs == {"width": 4} and c.stages.assistant.temperature == 2
+    assert "stages.assistant.model" in config_error({"stages": {"assistant": {"epochs": 1}}})
+    msg = config_error({"stages": {"assistant": {"model": {"name": "classic_student", "checkpoint": "a.pt"}}}})
+    assert "stages.assistant.model.checkpoint is not supported" in msg
+    msg = config_error({"data": {"augment": [{"name": "horizontal_flip"}]},
+                        "stages": {"assistant": {"model": {"name": "classic_student"}, "teacher_cache": True}}})
+    assert "stages.assistant.teacher_cache with data.augment needs teacher_cache.views" in msg
 
 
 def test_student_checkpoint_rejected():

@@ -123,9 +123,11 @@ def test_stage_store_shares_the_teacher_and_scratch_across_runs(tmp_path):
 
 def test_teacher_checkpoint_is_loaded_instead_of_trained(tmp_path, finished):
     out, raw, metrics = finished
+    stages = {**raw["stages"], "scratch": {"enabled": False}}
+    stages.pop("teacher")  # epochs default to 0 with a checkpoint: used as it is
     raw2 = tiny_config(tmp_path / "b", teacher={"name": "mlp", "hidden": [64],
-                                                "checkpoint": str(out / "stages" / "teacher" / "checkpoint.pt")},
-                       stages={**raw["stages"], "scratch": {"enabled": False}})
+                                                "checkpoint": str(out / "stages" / "teacher" / "checkpoint.pt")})
+    raw2["stages"] = stages
     logs: list[str] = []
     m = _run(raw2, logs)
     assert any("[teacher] loaded from" in line for line in logs)
@@ -222,3 +224,98 @@ def test_normalize_standardises_each_channel_with_the_training_statistics():
     data = normalize_channels(load_dataset("digits"))
     assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_train.std()) - 1.0) < 1e-4
     assert data.x_test.dtype == data.x_train.dtype == "float32"
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "safetensors"])
+def test_a_teacher_in_a_plain_format_is_used_as_it_is(tmp_path, finished, fmt):
+    out, raw, metrics = finished
+    weights = torch.load(out / "stages" / "teacher" / "checkpoint.pt", weights_only=True)["state_dict"]
+    if fmt == "state_dict":
+        path = tmp_path / "teacher.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)  # a DDP training script's file
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "teacher.safetensors"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    raw2 = tiny_config(tmp_path / "r", teacher={"name": "mlp", "hidden": [64], "checkpoint": str(path)},
+                       stages={**raw["stages"], "teacher": {"epochs": 0}, "scratch": {"enabled": False}})
+    logs: list[str] = []
+    m = _run(raw2, logs)
+    assert any(f"[teacher] loaded from {path} ({fmt}" in line for line in logs)
+    assert m["models"]["teacher"]["test_accuracy"] == metrics["models"]["teacher"]["test_accuracy"]
+    assert m["models"]["teacher"]["reused"] == str(path)
+    # the run directory's teacher is the file as given (export, bench and cache read it from there)
+    model = load_stage_model(tmp_path / "r", "teacher")
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_a_teacher_checkpoint_with_epochs_is_fine_tuned_from_its_weights(tmp_path, finished):
+    out, raw, metrics = finished
+    ckpt = out / "stages" / "teacher" / "checkpoint.pt"
+    raw2 = tiny_config(tmp_path / "f", teacher={"name": "mlp", "hidden": [64], "checkpoint": str(ckpt)},
+                       stages={**raw["stages"], "teacher": {"epochs": 1, "optimizer": {"name": "adam", "lr": 1e-4}},
+                               "scratch": {"enabled": False}})
+    logs: list[str] = []
+    m = _run(raw2, logs)
+    assert any("[teacher] loaded from" in line for line in logs) and any("[teacher] training" in line for line in logs)
+    first = m["histories"]["teacher"]["history"]
+    # one epoch at a small learning rate from trained weights: already as accurate as the source
+    assert first["val_accuracy"][0] >= metrics["models"]["teacher"]["test_accuracy"] - 0.02
+    tuned = torch.load(tmp_path / "f" / "stages" / "teacher" / "checkpoint.pt", weights_only=True)["state_dict"]
+    source = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert any(not torch.equal(tuned[k], source[k]) for k in source)  # it did train
+
+
+def test_the_assistant_stage_distils_teacher_to_assistant_to_student(tmp_path):
+    """TAKD: the assistant is distilled from the teacher, the student from the assistant."""
+    out = tmp_path / "ta"
+    raw = tiny_config(out, teacher_store=str(tmp_path / "store"))
+    raw["stages"]["assistant"] = {"model": {"name": "mlp", "hidden": [24]}, "epochs": 2, "alpha": 0.3,
+                                  "temperature": 4.0, "optimizer": {"name": "adam", "lr": 0.005}}
+    logs: list[str] = []
+    m = _run(raw, logs)
+    assert m["stages"] == ["teacher", "assistant", "scratch", "distil"]
+    params = {k: v["parameters"] for k, v in m["models"].items()}
+    assert params["teacher"] > params["assistant"] > params["distil"] == params["scratch"]
+    assert [line.split("]")[0] for line in logs if line.endswith("] training")] == [
+        "[teacher", "[scratch", "[assistant", "[distil"]
+    hist = m["histories"]["assistant"]["history"]
+    assert len(hist["val_accuracy"]) == 2 and "distillation_loss" in hist
+    # the distil stage's fingerprint chains through the assistant's: another assistant, another student
+    assert m["fingerprints"]["assistant"] != m["fingerprints"]["distil"]
+    model = load_stage_model(out, "assistant")
+    assert sum(p.numel() for p in model.parameters()) == params["assistant"]
+    assert m["agreement"]["assistant"] > 0.5  # it learned from the teacher
+    assert "assistant" in (out / "report.md").read_text()
+    # another assistant is another teacher for the student: both retrain, teacher and scratch do not
+    raw2 = {**raw, "output_dir": str(tmp_path / "ta2")}
+    raw2["stages"] = {**raw["stages"], "assistant": {**raw["stages"]["assistant"], "temperature": 2.0}}
+    logs = []
+    _run(raw2, logs)
+    assert any("[teacher] reusing" in line for line in logs) and any("[scratch] reusing" in line for line in logs)
+    assert any("[assistant] training" in line for line in logs) and any("[distil] training" in line for line in logs)
+
+
+def test_the_assistant_stage_resumes_mid_stage(tmp_path):
+    out = tmp_path / "ta"
+    raw = tiny_config(out, checkpoint={"every_steps": 5, "every_seconds": None})
+    raw["stages"]["assistant"] = {"model": {"name": "mlp", "hidden": [24]}, "epochs": 2, "alpha": 0.3,
+                                  "temperature": 4.0, "optimizer": {"name": "adam", "lr": 0.005}}
+    reference = _run(raw)
+    # as if killed in the assistant's second epoch: its last.pt stays, the later stages are gone
+    sdir = out / "stages"
+    for name in ("assistant", "distil"):
+        (sdir / name / "done.json").unlink()
+    import shutil
+
+    shutil.rmtree(sdir / "distil")
+    state = torch.load(sdir / "assistant" / "last.pt", weights_only=True)
+    assert state["global_step"] > 0
+    run_json = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_json, "status": "running"}))
+    logs: list[str] = []
+    again = _run(raw, logs)
+    assert any("[assistant] resuming from epoch" in line for line in logs)
+    for k in ("assistant", "distil"):
+        assert again["models"][k]["test_accuracy"] == reference["models"][k]["test_accuracy"]

@@ -384,6 +384,11 @@ class StageConfig(_Strict):
 
 
 class TeacherStage(StageConfig):
+    """Training of the teacher. ``epochs`` defaults to 1, or to 0 when ``teacher.checkpoint``
+    is given: a teacher you already have is then used as it is (measured in the report,
+    not trained). ``epochs >= 1`` with a checkpoint fine-tunes it from those weights."""
+
+    epochs: int | None = Field(default=None, ge=0, description="0: use teacher.checkpoint as is (default with a checkpoint, else 1)")
     temperature: float = Field(default=1.0, gt=0, description="softmax temperature the teacher trains with")
 
 
@@ -443,9 +448,29 @@ class DistilStage(StageConfig):
         return None if value is False else value
 
 
+class AssistantStage(DistilStage):
+    """Teacher-assistant distillation (TAKD; Mirzadeh et al. 2020, "Improved Knowledge
+    Distillation via Teacher Assistant", arXiv:1902.03393): a model of intermediate size
+    (``model``) is distilled from the teacher on the distil stage's data, then serves as
+    the distilled student's teacher. Every other key is a distil-stage key and applies to
+    the assistant's own distillation; ``teacher_cache`` caches the teacher for it (the
+    distil stage's ``teacher_cache`` then caches the assistant)."""
+
+    model: ModelSpec = Field(description="the assistant's architecture (a builder name or _component_)")
+
+    @model_validator(mode="after")
+    def _no_checkpoint(self) -> "AssistantStage":
+        if self.model.checkpoint is not None:
+            raise ValueError("stages.assistant.model.checkpoint is not supported: the assistant is trained by "
+                             "distillation from the teacher; to distil from a model you have, make it the teacher")
+        return self
+
+
 class Stages(_Strict):
     teacher: TeacherStage = Field(default_factory=TeacherStage)
     scratch: ScratchStage = Field(default_factory=ScratchStage)
+    assistant: AssistantStage | None = Field(
+        default=None, description="teacher-assistant distillation: teacher -> assistant -> distilled student")
     distil: DistilStage = Field(default_factory=DistilStage)
 
 
@@ -483,22 +508,35 @@ class ExperimentConfig(_Strict):
     def _check(self) -> "ExperimentConfig":
         if self.student.checkpoint is not None:
             raise ValueError("student.checkpoint is not supported: the students are what the run trains")
-        cache = self.stages.distil.teacher_cache
-        if cache is not None:
-            if self.data.augment and not cache.views:
-                raise ValueError(
-                    "stages.distil.teacher_cache with data.augment needs teacher_cache.views >= 1: a cache of the "
-                    "un-augmented samples cannot serve augmented inputs (the teacher never saw them). Set views "
-                    "(e.g. 8: epoch e trains on view e mod 8), or drop the cache to distil from the live teacher")
-            if cache.views and not self.data.augment:
-                raise ValueError("stages.distil.teacher_cache.views needs data.augment, the augmentation the views are made with")
-            for spec in self.data.augment:
-                if not callable(getattr(spec.resolve(), "seeded", None)):
-                    raise ValueError(
-                        f"data.augment {spec.label()} cannot make per-sample views for stages.distil.teacher_cache "
-                        "(mixup and cutmix mix samples of a batch; a custom class needs seeded(x, seeds) and "
-                        "to_config()); drop the cache to distil from the live teacher")
+        ts = self.stages.teacher
+        if ts.epochs is None:  # resolved here, so the dumped config and every fingerprint hold a number
+            ts.__dict__["epochs"] = 0 if self.teacher.checkpoint is not None else 1
+        elif ts.epochs == 0 and self.teacher.checkpoint is None:
+            raise ValueError(
+                "stages.teacher.epochs is 0 (use the teacher as it is), but no teacher.checkpoint is given: set "
+                "teacher.checkpoint to a file of trained weights (kdistill checkpoint, PyTorch state_dict or "
+                ".safetensors), or epochs >= 1 to train the teacher")
+        for where in ("distil", "assistant"):
+            stage = getattr(self.stages, where)
+            if stage is not None and stage.teacher_cache is not None:
+                self._check_cache(stage.teacher_cache, where)
         return self
+
+    def _check_cache(self, cache: "TeacherCacheConfig", where: str) -> None:
+        key = f"stages.{where}.teacher_cache"
+        if self.data.augment and not cache.views:
+            raise ValueError(
+                f"{key} with data.augment needs teacher_cache.views >= 1: a cache of the "
+                "un-augmented samples cannot serve augmented inputs (the teacher never saw them). Set views "
+                "(e.g. 8: epoch e trains on view e mod 8), or drop the cache to distil from the live teacher")
+        if cache.views and not self.data.augment:
+            raise ValueError(f"{key}.views needs data.augment, the augmentation the views are made with")
+        for spec in self.data.augment:
+            if not callable(getattr(spec.resolve(), "seeded", None)):
+                raise ValueError(
+                    f"data.augment {spec.label()} cannot make per-sample views for {key} "
+                    "(mixup and cutmix mix samples of a batch; a custom class needs seeded(x, seeds) and "
+                    "to_config()); drop the cache to distil from the live teacher")
 
     def run_dir(self) -> Path:
         return Path(self.output_dir if self.output_dir is not None else Path("runs") / self.name)

@@ -33,6 +33,7 @@ of training again, and says so. That is what makes sweeps and method comparisons
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -51,7 +52,8 @@ from torch import nn
 from . import __version__, distributed
 from .bench import benchmark_model
 from .callbacks import Callback, JSONLogger, TrainingCheckpoint
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_training_state, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, load_weights, read_training_state,
+                         save_checkpoint)
 from .config import ExperimentConfig, config_dict, dump_config, load_config
 from .data import load_dataset, split_labelled
 from .data.augment import Compose
@@ -61,9 +63,9 @@ from .errors import ConfigError, RunDirectoryError
 from .losses.base import DistillationLoss, WeightedSum
 from .runtime import get_device, machine_description, seed_everything, set_threads
 
-STAGES = ("teacher", "scratch", "distil")
+STAGES = ("teacher", "scratch", "assistant", "distil")
 #: How stages are named in reports.
-LABELS = {"teacher": "teacher", "scratch": "scratch", "distil": "distilled"}
+LABELS = {"teacher": "teacher", "scratch": "scratch", "assistant": "assistant", "distil": "distilled"}
 
 
 def fingerprint(*parts: Any) -> str:
@@ -391,21 +393,39 @@ def normalize_channels(data: DatasetSplits) -> DatasetSplits:
     return DatasetSplits(data.name, norm(data.x_train), data.y_train, norm(data.x_test), data.y_test, data.classes)
 
 
+def student_rows(config: ExperimentConfig, data: DatasetSplits) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(labelled rows, unlabelled rows or None)``: the training-set rows the students
+    train on (``data.subset`` class-balanced labelled samples, the rest unlabelled with
+    ``data.unlabelled``), each part in the training set's order."""
+    d = config.data
+    n = len(data.y_train)
+    if d.subset is None:
+        return np.arange(n), None
+    il, _, ir, _ = split_labelled(np.arange(n), data.y_train, d.subset, seed=config.seed)
+    return il, (ir if d.unlabelled else None)
+
+
 def student_data(config: ExperimentConfig, data: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(x_labelled, y_labelled, x_unlabelled or None)``: what the students train on
-    (``data.subset`` labelled samples, the rest unlabelled with ``data.unlabelled``)."""
-    d = config.data
-    if d.subset is None:
-        return torch.from_numpy(data.x_train), torch.from_numpy(data.y_train), None
-    xl, yl, xr, _ = split_labelled(data.x_train, data.y_train, d.subset, seed=config.seed)
-    return torch.from_numpy(xl), torch.from_numpy(yl), (torch.from_numpy(xr) if d.unlabelled else None)
+    (:func:`student_rows` of the training set)."""
+    il, ir = student_rows(config, data)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    return x[il], y[il], (None if ir is None else x[ir])
+
+
+def distil_rows(config: ExperimentConfig, data: DatasetSplits) -> np.ndarray:
+    """The training-set rows of the distil stage's data in the order ``fit`` indexes them
+    (labelled, then unlabelled)."""
+    il, ir = student_rows(config, data)
+    return il if ir is None else np.concatenate([il, ir])
 
 
 def distil_inputs(config: ExperimentConfig, data: DatasetSplits) -> torch.Tensor:
-    """The distil stage's training inputs in the order ``fit`` indexes them (labelled,
-    then unlabelled): what a teacher cache for the run is built over."""
-    x_lab, _, x_unl = student_data(config, data)
-    return x_lab if x_unl is None else torch.cat([x_lab, x_unl])
+    """What a run's teacher cache is built over: the distil stage's training samples in
+    the training set's order. Every labelled subset of the same samples (``data.subset``
+    with ``data.unlabelled``, or no subset) shares one cache; the run serves it through
+    :meth:`~kdistill.teacher.CachedTeacher.reindexed` in ``fit``'s order."""
+    return torch.from_numpy(data.x_train)[np.sort(distil_rows(config, data))]
 
 
 def build_augment(config: ExperimentConfig) -> Compose | None:
@@ -414,59 +434,75 @@ def build_augment(config: ExperimentConfig) -> Compose | None:
     return Compose([spec.resolve()(**spec.kwargs) for spec in specs]) if specs else None
 
 
-def teacher_layers(config: ExperimentConfig) -> list[str]:
-    """The teacher layers the distil stage's losses tap (what a teacher cache must hold)."""
-    loss = build_losses(config.stages.distil)
+def _stage(config: ExperimentConfig, stage: str):
+    spec = getattr(config.stages, stage)
+    if spec is None:
+        raise ConfigError(f"the config has no stages.{stage}")
+    return spec
+
+
+def teacher_layers(config: ExperimentConfig, stage: str = "distil") -> list[str]:
+    """The teacher layers a distillation stage's losses tap (what a teacher cache must hold)."""
+    loss = build_losses(_stage(config, stage))
     parts = loss.parts.values() if isinstance(loss, WeightedSum) else [loss]
     return sorted({path for part in parts for role, path in (part.taps or {}).items() if role == "teacher"})
 
 
-def cache_settings(config: ExperimentConfig, features: list[str]) -> dict[str, Any]:
-    """The :meth:`TeacherCache.build` keyword arguments ``stages.distil.teacher_cache`` asks
+def cache_settings(config: ExperimentConfig, features: list[str], stage: str = "distil") -> dict[str, Any]:
+    """The :meth:`TeacherCache.build` keyword arguments ``stages.<stage>.teacher_cache`` asks
     for (top-k stores its tail at the stage's temperature, so it is exact there)."""
-    ds, tc = config.stages.distil, config.stages.distil.teacher_cache
+    ds = _stage(config, stage)
+    tc = ds.teacher_cache
     return dict(mode=tc.mode, k=tc.k, dtype=tc.dtype, features=sorted(features), views=tc.views,
                 augment=build_augment(config) if tc.views else None, seed=config.seed,
                 tail_temperatures=(ds.temperature,) if tc.mode == "topk" else (), batch_size=tc.batch_size)
 
 
-def default_cache_path(config: ExperimentConfig, store: Path | None, run_dir: Path, key: str) -> Path:
+def default_cache_path(config: ExperimentConfig, store: Path | None, run_dir: Path, key: str,
+                       stage: str = "distil", model_label: str | None = None) -> Path:
     """Where a run's teacher cache lives: ``teacher_cache.path``, else ``teacher_caches/``
     beside the stage store (shared by every run of the same teacher, data and settings),
     else inside the run directory."""
-    tc = config.stages.distil.teacher_cache
+    tc = _stage(config, stage).teacher_cache
     if tc.path is not None:
         return Path(tc.path).expanduser()
     if store is not None:
-        return store.parent / "teacher_caches" / f"{config.teacher.label()}-{key}"
-    return run_dir / "teacher_cache"
+        return store.parent / "teacher_caches" / f"{model_label or config.teacher.label()}-{key}"
+    return run_dir / ("teacher_cache" if stage == "distil" else f"{stage}_teacher_cache")
 
 
-def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp: str) -> Any:
-    """Build (or open) the run's teacher cache and put it in the Distiller's place of the
-    live teacher."""
+def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp: str, stage_cfg, stage: str) -> Any:
+    """Build (or open) the teacher cache of a distillation stage and put it in the
+    Distiller's place of the live teacher (``teacher`` is the stage's teacher: the
+    teacher, or the assistant)."""
     from .teacher import TeacherCache, estimate_size
 
     cfg = ctx.config
-    tc, ds = cfg.stages.distil.teacher_cache, cfg.stages.distil
-    settings = cache_settings(cfg, dist.tapped_layers()["teacher"])
-    x = distil_inputs(cfg, ctx.data)
-    key = fingerprint("teacher_cache", t_fp, ctx.data_fp, cfg.data.subset, cfg.data.unlabelled, cfg.seed,
+    tc = stage_cfg.teacher_cache
+    settings = cache_settings(cfg, dist.tapped_layers()["teacher"], stage)
+    rows = distil_rows(cfg, ctx.data)
+    stored = np.sort(rows)
+    x = torch.from_numpy(ctx.data.x_train)[stored]
+    key = fingerprint("teacher_cache", t_fp, ctx.data_fp, hashlib.sha256(stored.tobytes()).hexdigest(), cfg.seed,
                       {k: v for k, v in settings.items() if k not in ("augment", "batch_size")},
                       [s.dump() for s in cfg.data.augment])
-    path = default_cache_path(cfg, ctx.store, ctx.run_dir, key)
+    label = cfg.teacher.label() if stage == "distil" and cfg.stages.assistant is None else (
+        cfg.stages.assistant.model.label() if stage == "distil" else cfg.teacher.label())
+    path = default_cache_path(cfg, ctx.store, ctx.run_dir, key, stage, label)
     if distributed.is_main() and not (path / "manifest.json").is_file():
         size = estimate_size(teacher, x, **{k: v for k, v in settings.items()
                                             if k in ("mode", "k", "dtype", "features", "tail_temperatures", "views")})
-        ctx.log(f"[distil] building the teacher cache {path}: {size['rows']:,} rows "
+        ctx.log(f"[{stage}] building the teacher cache {path}: {size['rows']:,} rows "
                 f"({tc.views or 1} view(s) x {len(x):,} samples), {size['bytes_per_sample']:,} bytes per sample, "
                 f"{size['total_bytes'] / 2**20:,.1f} MiB")
     started = time.perf_counter()
     # (with several processes one builds it, the others wait on its lock and map the same files)
     cached = TeacherCache.build(teacher, x, path, device=ctx.device, dataset_name=ctx.data.name, **settings)
     if tc.mode == "topk":
-        cached.temperature = ds.temperature
-    ctx.log(f"[distil] distilling from the teacher cache {path} ({cached.mode}"
+        cached.temperature = stage_cfg.temperature
+    if not np.array_equal(rows, stored):  # fit's order differs from the cache's (a labelled subset first)
+        cached = cached.reindexed(np.searchsorted(stored, rows))
+    ctx.log(f"[{stage}] distilling from the teacher cache {path} ({cached.mode}"
             + (f", k={cached.k}" if cached.k else "") + f", {cached.bytes_per_sample} B/sample"
             + (f", {cached.views} views" if cached.views else "") + f"; ready in {time.perf_counter() - started:.1f} s)")
     dist.teacher = cached
@@ -540,30 +576,37 @@ def run_experiment(
     def steps(n_samples: int, batch: int) -> int:
         return -(-n_samples // batch)
 
-    # 2. the teacher: loaded, or trained on the full training set
+    # 2. the teacher: a checkpoint used as it is, or trained (fine-tuned from the
+    #    checkpoint, if one is given) on the full training set
+    stage_clock = _StageClock()
     teacher = build(config.teacher)
     results: dict[str, dict] = {}
+    ts = stages.teacher
+    source = None
     if config.teacher.checkpoint is not None:
         path = Path(config.teacher.checkpoint)
-        load_checkpoint(path, teacher)
-        log(f"[teacher] loaded from {path}")
-        t_fp = fingerprint("checkpoint", hashlib.sha256(path.read_bytes()).hexdigest())
-        results["teacher"] = {"fingerprint": t_fp, "seconds": 0.0, "history": None, "reused": str(path)}
-    else:
-        ts = stages.teacher
-        t_batch = ts.batch_size or d.batch_size
-        t_fp = fingerprint("teacher", ctx.data_fp, config.teacher.dump(), config_dict(ts), t_batch, aug_id, config.seed)
+        source = load_weights(path, teacher)
+        log(f"[teacher] loaded from {path} ({source['format']}, {source['tensors']} tensors"
+            + (f", cast from {source['cast_from']}" if source.get("cast_from") else "") + ")")
+    with stage_clock("teacher"):
+        if ts.epochs == 0:
+            t_fp = fingerprint("checkpoint", source["sha256"])
+            results["teacher"] = {"fingerprint": t_fp, "seconds": 0.0, "history": None, "reused": str(path)}
+        else:
+            t_batch = ts.batch_size or d.batch_size
+            t_fp = fingerprint("teacher", ctx.data_fp, config.teacher.dump(), config_dict(ts), t_batch, aug_id,
+                               config.seed, *([source["sha256"]] if source else []))
 
-        def teacher_trainer() -> Trainer:
-            sched, interval = build_schedule(ts.schedule, ts.epochs, steps(len(x_train), t_batch))
-            t = Trainer(teacher, device=device)
-            return t.compile(build_optimizer(ts.optimizer, teacher.parameters()), metrics=["accuracy"],
-                             temperature=ts.temperature, scheduler=sched, scheduler_interval=interval)
+            def teacher_trainer() -> Trainer:
+                sched, interval = build_schedule(ts.schedule, ts.epochs, steps(len(x_train), t_batch))
+                t = Trainer(teacher, device=device)
+                return t.compile(build_optimizer(ts.optimizer, teacher.parameters()), metrics=["accuracy"],
+                                 temperature=ts.temperature, scheduler=sched, scheduler_interval=interval)
 
-        results["teacher"] = _run_stage(
-            ctx, "teacher", t_fp, teacher, teacher_trainer,
-            lambda tr, cbs, resume: tr.fit(x_train, y_train, epochs=ts.epochs, batch_size=t_batch, callbacks=cbs,
-                                           resume_from=resume, **common), share=True)
+            results["teacher"] = _run_stage(
+                ctx, "teacher", t_fp, teacher, teacher_trainer,
+                lambda tr, cbs, resume: tr.fit(x_train, y_train, epochs=ts.epochs, batch_size=t_batch, callbacks=cbs,
+                                               resume_from=resume, **common), share=True)
 
     # 3. the student from scratch, on the labelled data
     student_id = (ctx.data_fp, config.student.dump(), d.subset, aug_id, config.seed)
@@ -586,42 +629,77 @@ def run_experiment(
             return t.compile(build_optimizer(ss.optimizer, scratch.parameters()), metrics=["accuracy"],
                              scheduler=sched, scheduler_interval=interval)
 
-        results["scratch"] = _run_stage(
-            ctx, "scratch", s_fp, scratch, scratch_trainer,
-            lambda tr, cbs, resume: tr.fit(x_lab, y_lab, epochs=ss.epochs, batch_size=s_batch, steps_per_epoch=s_steps,
-                                           callbacks=cbs, resume_from=resume, **common), share=True)
+        with stage_clock("scratch"):
+            results["scratch"] = _run_stage(
+                ctx, "scratch", s_fp, scratch, scratch_trainer,
+                lambda tr, cbs, resume: tr.fit(x_lab, y_lab, epochs=ss.epochs, batch_size=s_batch,
+                                               steps_per_epoch=s_steps, callbacks=cbs, resume_from=resume, **common),
+                share=True)
 
-    # 4. the same student distilled from the teacher
+    def distil_into(name: str, student: nn.Module, source: nn.Module, source_fp: str, stage) -> dict:
+        """Distil ``student`` from ``source`` (the teacher, or the assistant) with ``stage``'s settings."""
+        batch = stage.batch_size or d.batch_size
+        model_id = student_id if name == "distil" else (ctx.data_fp, stage.model.dump(), d.subset, aug_id, config.seed)
+        fp = fingerprint(name, model_id, config_dict(stage), batch, d.unlabelled, source_fp)
+
+        def trainer() -> Trainer:
+            loss = build_losses(stage)
+            sched, interval = build_schedule(stage.schedule, stage.epochs, steps(len(x_lab) + (0 if x_unl is None else len(x_unl)), batch))
+            dist = Distiller(student=student, teacher=source, device=device)
+            params = list(student.parameters()) + [p for p in loss.parameters() if p.requires_grad]
+            dist.compile(build_optimizer(stage.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
+                         alpha=stage.alpha, temperature=stage.temperature, scheduler=sched, scheduler_interval=interval,
+                         student_loss_weight=stage.student_loss_weight)
+            if stage.teacher_cache is not None:
+                _open_teacher_cache(ctx, dist, source, source_fp, stage, name)
+            return dist
+
+        with stage_clock(name):
+            return _run_stage(
+                ctx, name, fp, student, trainer,
+                lambda tr, cbs, resume: tr.fit(x_lab, y_lab, unlabelled=x_unl, epochs=stage.epochs, batch_size=batch,
+                                               callbacks=cbs, resume_from=resume, **common), share=False)
+
+    # 4. optionally an assistant of intermediate size, distilled from the teacher (TAKD)
+    source, source_fp = teacher, t_fp
+    assistant = None
+    if stages.assistant is not None:
+        assistant = build(stages.assistant.model)
+        results["assistant"] = distil_into("assistant", assistant, teacher, t_fp, stages.assistant)
+        source, source_fp = assistant, results["assistant"]["fingerprint"]
+
+    # 5. the same student as the scratch one, distilled from the teacher (or the assistant)
     distilled = build(config.student)
-    d_fp = fingerprint("distil", student_id, config_dict(ds), d_batch, d.unlabelled, t_fp)
+    results["distil"] = distil_into("distil", distilled, source, source_fp, ds)
 
-    def distil_trainer() -> Trainer:
-        loss = build_losses(ds)
-        sched, interval = build_schedule(ds.schedule, ds.epochs, d_steps)
-        dist = Distiller(student=distilled, teacher=teacher, device=device)
-        params = list(distilled.parameters()) + [p for p in loss.parameters() if p.requires_grad]
-        dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
-                     alpha=ds.alpha, temperature=ds.temperature, scheduler=sched, scheduler_interval=interval,
-                     student_loss_weight=ds.student_loss_weight)
-        if ds.teacher_cache is not None:
-            _open_teacher_cache(ctx, dist, teacher, t_fp)
-        return dist
-
-    results["distil"] = _run_stage(
-        ctx, "distil", d_fp, distilled, distil_trainer,
-        lambda tr, cbs, resume: tr.fit(x_lab, y_lab, unlabelled=x_unl, epochs=ds.epochs, batch_size=d_batch,
-                                       callbacks=cbs, resume_from=resume, **common), share=False)
-
-    # 5. measure, report, mark finished (rank 0; the others wait for its numbers)
+    # 6. measure, report, mark finished (rank 0; the others wait for its numbers)
     metrics = None
     if main:
         log("measuring accuracy, agreement, size and speed")
-        models = {"teacher": teacher, **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
-        metrics = _measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
+        models = {"teacher": teacher, **({"assistant": assistant} if assistant is not None else {}),
+                  **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
+        with stage_clock("measure"):
+            metrics = _measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
+        metrics["timing"] = {"wall_seconds": time.time() - started, "stages": stage_clock.seconds}
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
         write_run_report(run_dir, metrics)
         _write_run_json(run_dir, config, "finished", started)
     return distributed.broadcast_object(metrics)
+
+
+class _StageClock:
+    """Wall-clock seconds this invocation spent on each stage (cache builds included)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def headline_numbers(models: dict[str, dict]) -> tuple[float | None, float | None]:
@@ -726,10 +804,14 @@ def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSp
     if not (run_dir / "stages" / stage / "done.json").is_file() and not (stage == "teacher" and config.teacher.checkpoint):
         raise RunDirectoryError(f"stage '{stage}' of {run_dir} has not finished (no done.json); finish the run first "
                                 f"(`kdistill run --resume {run_dir}`)")
+    if stage == "assistant" and config.stages.assistant is None:
+        raise RunDirectoryError(f"{run_dir} has no assistant stage (its config sets no stages.assistant)")
     data = data if data is not None else load_data(config)
-    spec = config.teacher if stage == "teacher" else config.student
+    spec = {"teacher": config.teacher, "assistant": config.stages.assistant and config.stages.assistant.model
+            }.get(stage, config.student)
     model = build_model(spec, data)
     if stage == "teacher" and config.teacher.checkpoint and not ckpt.is_file():
-        ckpt = Path(config.teacher.checkpoint)
-    load_checkpoint(ckpt, model)
+        load_weights(config.teacher.checkpoint, model)  # used as it was given (stages.teacher.epochs: 0)
+    else:
+        load_checkpoint(ckpt, model)
     return model.cpu().eval()

@@ -64,7 +64,7 @@ def _mib(n: int) -> str:
 
 def _source(args: argparse.Namespace):
     """``(config, data, teacher)`` of a run directory or a config with a teacher checkpoint."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_weights
     from ..config import load_config
     from ..experiment import build_model, load_data, load_stage_model, read_run_config
 
@@ -82,7 +82,7 @@ def _source(args: argparse.Namespace):
             "whose teacher has finished (kdistill run CONFIG first), or set teacher.checkpoint")
     data = load_data(config)
     teacher = build_model(config.teacher, data)
-    load_checkpoint(config.teacher.checkpoint, teacher)
+    load_weights(config.teacher.checkpoint, teacher)
     return config, data, teacher.eval()
 
 
