@@ -86,6 +86,9 @@ def run_regimes(
     from .experiment import run_experiment
 
     started = time.time()
+    distributed.init()  # under torchrun: join the group first, so only rank 0 speaks
+    if not distributed.is_main():
+        log = lambda message: None  # noqa: E731
     out_dir = Path(out_dir)
     configs = regime_configs(config, labels, compare_all_labels=compare_all_labels)
     results: dict[str, dict] = {}

@@ -14,6 +14,9 @@ ignores the padding; here that is a ``-inf`` pad before ``MaxPool2d(2, 1)``.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import nn
 
 
@@ -63,6 +66,42 @@ def classic_teacher(**kwargs) -> nn.Sequential:
     return classic_cnn((256, 512), **kwargs)
 
 
-def classic_student(**kwargs) -> nn.Sequential:
-    """The Keras example's student: 16 and 32 filters (21K parameters at 28x28)."""
-    return classic_cnn((16, 32), **kwargs)
+def classic_student(*, width: float = 1.0, **kwargs) -> nn.Sequential:
+    """The Keras example's student: 16 and 32 filters (21K parameters at 28x28).
+
+    ``width`` scales both convolutions, for studies of the teacher-student capacity gap:
+    the filters are ``(round(16 * width), round(32 * width))``. Width 1 is the Keras
+    example's student; width 16 gives ``(256, 512)``, the teacher's architecture (1.4M
+    parameters at 28x28). Parameters grow about as ``width**2`` in the second
+    convolution and as ``width`` in the last layer, so widths 1, 2, 4, 8, 16 give about
+    20K, 50K, 137K, 422K and 1.4M parameters for 10 classes at 28x28.
+
+    Args:
+        width: multiplier of the student's filter counts, ``> 0``; small enough values
+            to round a filter count to 0 are refused too.
+        **kwargs: as for :func:`classic_cnn` (``num_classes``, ``in_channels``,
+            ``input_size``, ``negative_slope``).
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(B, in_channels, input_size, input_size)`` to
+        ``(B, num_classes)`` logits.
+
+    Raises:
+        ValueError: if ``width`` is not finite and ``> 0``, or rounds a filter count to 0.
+        TypeError: if ``width`` is not a real number.
+    """
+    if isinstance(width, bool) or not isinstance(width, numbers.Real):
+        raise TypeError(f"width must be a number (e.g. 2 or 0.5), got {type(width).__name__} {width!r}")
+    w = float(width)
+    if not 0 < w < math.inf:
+        raise ValueError(
+            f"width must be a finite number > 0 (it multiplies the student's 16 and 32 filters; "
+            f"1 is the Keras example's student, 16 the teacher's architecture), got {width!r}"
+        )
+    filters = (round(16 * w), round(32 * w))
+    if min(filters) < 1:
+        raise ValueError(
+            f"width={width!r} gives filters {filters}: every convolution needs at least one "
+            f"filter; use width > 1/32 (16 * width must round to at least 1)"
+        )
+    return classic_cnn(filters, **kwargs)
