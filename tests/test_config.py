@@ -56,12 +56,13 @@ def test_classic_config_has_the_keras_example_settings():
     assert c.data.batch_size == 64
     assert c.data.subset is None and c.data.unlabelled is False
     assert c.teacher.name == "classic_teacher" and c.student.name == "classic_student"
-    assert c.stages.teacher.epochs == 1
+    assert c.stages.teacher.epochs == 2
     assert c.stages.teacher.temperature == 1.0
-    assert c.stages.scratch.epochs == 2
-    assert c.stages.distil.epochs == 2
+    assert c.stages.scratch.epochs == 5
+    assert c.stages.distil.epochs == 5
     assert c.stages.distil.alpha == 0.1
     assert c.stages.distil.temperature == 10.0
+    assert c.stages.distil.teacher_cache is not None and c.stages.distil.teacher_cache.mode == "full"
     for stage in (c.stages.teacher, c.stages.scratch, c.stages.distil):
         assert stage.optimizer.name == "adam"
         assert stage.optimizer.kwargs == {"lr": 0.001}
@@ -117,7 +118,7 @@ def test_round_trip_with_user_components_and_every_section(tmp_path):
     c = load_config(CLASSIC, [
         "data.subset=100",
         "data.unlabelled=true",
-        "data.augment=[{name: random_crop, padding: 2}, {name: horizontal_flip, p: 0.25}]",
+        "data.augment=[{name: random_crop, padding: 2}, {name: horizontal_flip, p: 0.25}]", "stages.distil.teacher_cache=null",
         "student={_component_: user_components.tiny_mlp, width: 4}",
         "stages.distil.losses=[{name: kd, temperature: 3.0}, "
         "{_component_: user_components.CosineLogits, scale: 2.0, weight: 0.5}]",

@@ -483,7 +483,8 @@ def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp
     rows = distil_rows(cfg, ctx.data)
     stored = np.sort(rows)
     x = torch.from_numpy(ctx.data.x_train)[stored]
-    key = fingerprint("teacher_cache", t_fp, ctx.data_fp, hashlib.sha256(stored.tobytes()).hexdigest(), cfg.seed,
+    key = fingerprint("teacher_cache", t_fp, ctx.data_fp, hashlib.sha256(stored.tobytes()).hexdigest(),
+                      cfg.seed if tc.views else None,  # the seed only picks the views' augmentations
                       {k: v for k, v in settings.items() if k not in ("augment", "batch_size")},
                       [s.dump() for s in cfg.data.augment])
     label = cfg.teacher.label() if stage == "distil" and cfg.stages.assistant is None else (
