@@ -319,3 +319,25 @@ def test_the_assistant_stage_resumes_mid_stage(tmp_path):
     assert any("[assistant] resuming from epoch" in line for line in logs)
     for k in ("assistant", "distil"):
         assert again["models"][k]["test_accuracy"] == reference["models"][k]["test_accuracy"]
+
+
+def test_the_assistant_and_the_student_each_distil_from_a_cache_of_their_own_teacher(tmp_path):
+    out = tmp_path / "tac"
+    raw = tiny_config(out, teacher_store=str(tmp_path / "store"))
+    raw["stages"]["scratch"] = {"enabled": False}
+    raw["stages"]["assistant"] = {"model": {"name": "mlp", "hidden": [24]}, "epochs": 1, "teacher_cache": True}
+    raw["stages"]["distil"] = {**raw["stages"]["distil"], "teacher_cache": True}
+    logs: list[str] = []
+    m = _run(raw, logs)
+    built = [line for line in logs if "building the teacher cache" in line]
+    assert [line.split("]")[0] for line in built] == ["[assistant", "[distil"]
+    caches = sorted(p.name for p in (tmp_path / "teacher_caches").iterdir() if p.is_dir())
+    assert len(caches) == 2 and caches[0].startswith("mlp-") and caches[1].startswith("mlp-")
+    # the student's cache was built from the assistant's final weights (open() checks the fingerprint)
+    from kdistill.teacher import TeacherCache
+
+    assistant = load_stage_model(out, "assistant")
+    distil_cache = next(p for p in (tmp_path / "teacher_caches").iterdir()
+                        if p.is_dir() and any(p.name in line for line in built if line.startswith("[distil")))
+    cached = TeacherCache.open(distil_cache, teacher=assistant)
+    assert cached.num_samples == m["dataset"]["train"]

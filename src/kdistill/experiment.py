@@ -487,8 +487,8 @@ def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp
                       cfg.seed if tc.views else None,  # the seed only picks the views' augmentations
                       {k: v for k, v in settings.items() if k not in ("augment", "batch_size")},
                       [s.dump() for s in cfg.data.augment])
-    label = cfg.teacher.label() if stage == "distil" and cfg.stages.assistant is None else (
-        cfg.stages.assistant.model.label() if stage == "distil" else cfg.teacher.label())
+    from_assistant = stage == "distil" and cfg.stages.assistant is not None
+    label = cfg.stages.assistant.model.label() if from_assistant else cfg.teacher.label()
     path = default_cache_path(cfg, ctx.store, ctx.run_dir, key, stage, label)
     if distributed.is_main() and not (path / "manifest.json").is_file():
         size = estimate_size(teacher, x, **{k: v for k, v in settings.items()
