@@ -53,6 +53,8 @@ from kdistill.runtime import machine_description, seed_everything
 from kdistill.teacher import TeacherCache
 from kdistill.teacher.cache import dataset_fingerprint, teacher_fingerprint
 
+from _results import open_results
+
 HERE = Path(__file__).parent
 VARIANTS = ["online", "cached_full_float32", "cached_full_float16", "cached_topk_exact_T", "cached_topk_T1_tail"]
 CACHED = VARIANTS[1:]
@@ -161,12 +163,7 @@ def main() -> None:
         "alpha": args.alpha, "temperature": args.temperature, "k": args.k, "augmentation": None,
     }
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    if results.get("settings", settings) != settings:
-        if not args.fresh:
-            raise SystemExit(f"{out} holds runs made with other settings ({results['settings']}); "
-                             "give another --out, or --fresh to replace them")
-        results = {}
+    results = open_results(out, settings, fresh=args.fresh)
     results.update({"benchmark": "cache_accuracy", "settings": settings, "teacher_source": teacher_source,
                     "teacher_test_accuracy": teacher_acc})
     runs = results.setdefault("runs", {})

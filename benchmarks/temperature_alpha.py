@@ -36,13 +36,10 @@ same settings skips the runs it holds (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +52,8 @@ from kdistill.data import split_labelled
 from kdistill.losses import KDLoss
 from kdistill.runtime import machine_description, seed_everything
 from kdistill.teacher.cache import dataset_fingerprint, teacher_fingerprint
+
+from _results import open_results, stamp
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -295,12 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": args.device, "threads": args.threads, "augmentation": None,
     }
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    if results.get("settings", settings) != settings:
-        if not args.fresh:
-            raise SystemExit(f"{out} holds runs made with other settings ({results['settings']}); "
-                             "give another --out, or --fresh to replace them")
-        results = {}
+    results = open_results(out, settings, fresh=args.fresh)
     results.update({"benchmark": "temperature_alpha", "settings": settings,
                     "teacher": {"source": teacher_source, "test_accuracy": teacher_acc,
                                 "cache_build_seconds": cache_seconds}})
@@ -312,10 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         results["summary"] = summarise(results, args)
         if trained:  # a rerun that only finds its runs done leaves date, command and times alone
-            results["machine"] = machine_description()
-            results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            results["command"] = shlex.join([sys.executable, *sys.argv])
-            results["wall_seconds"] = wall_before + time.perf_counter() - t_start
+            stamp(results, wall_seconds=wall_before + time.perf_counter() - t_start, machine=machine_description())
         atomic_write_text(out, json.dumps(results, indent=1))
 
     # 3. every seed x regime: the scratch baseline, then every (T, alpha) cell from the same init

@@ -1,0 +1,40 @@
+"""Resumable result files shared by the benchmark scripts.
+
+A benchmark writes its JSON after every finished run; a rerun with the same settings
+keeps the runs it finds and adds the missing ones, and a rerun with other settings is
+refused unless the caller asks for a fresh file (it would mix two experiments).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def open_results(out: str | Path, settings: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
+    """The results already in ``out`` if they were made with ``settings``, else ``{}``.
+
+    Raises:
+        SystemExit: ``out`` holds runs made with other settings and ``fresh`` is false.
+    """
+    out = Path(out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    if results.get("settings", settings) != settings:
+        if not fresh:
+            raise SystemExit(f"{out} holds runs made with other settings ({results['settings']}); "
+                             "give another --out, or --fresh to replace them")
+        results = {}
+    return results
+
+
+def stamp(results: dict[str, Any], *, wall_seconds: float, machine: dict[str, Any]) -> None:
+    """Record who measured, and how long it took: the machine, the UTC date, the command
+    line and ``wall_seconds`` (every invocation's time spent training, summed by the caller)."""
+    results["machine"] = machine
+    results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["command"] = shlex.join([sys.executable, *sys.argv])
+    results["wall_seconds"] = wall_seconds
