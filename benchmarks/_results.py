@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,16 @@ def stamp(results: dict[str, Any], *, wall_seconds: float, machine: dict[str, An
     results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results["command"] = shlex.join([sys.executable, *sys.argv])
     results["wall_seconds"] = wall_seconds
+
+
+def short(fingerprint: str) -> str:
+    """``"sha256:<hex>"`` -> its first 16 hex digits (for file names)."""
+    return fingerprint.split(":")[-1][:16]
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """``n``, mean, median, min and max of ``values`` (``{"n": 0}`` when empty)."""
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": statistics.mean(values), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from kdistill.losses import KDLoss
 from kdistill.runtime import machine_description, seed_everything
 from kdistill.teacher.cache import dataset_fingerprint, teacher_fingerprint
 
-from _results import open_results, stamp
+from _results import open_results, short, stamp, stats
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -116,18 +115,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 10 <= args.labelled < pool:
         p.error(f"--labelled must be in [10, {pool}) (the pool's size), got {args.labelled}")
     return args
-
-
-def short(fingerprint: str) -> str:
-    """``"sha256:<hex>"`` -> its first 16 hex digits (for file names)."""
-    return fingerprint.split(":")[-1][:16]
-
-
-def stats(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    return {"n": len(values), "mean": statistics.mean(values), "median": statistics.median(values),
-            "min": min(values), "max": max(values)}
 
 
 def evaluate(trainer: Trainer, x, y) -> float:
