@@ -9,8 +9,9 @@ experiment in two *regimes* that share one teacher:
     also gets the rest of the training set as soft-target-only data (a *transfer set*).
     The student from scratch takes as many optimizer steps as the distilled one.
 ``all_labels``
-    Both students see every label: the comparison most papers make. A student much
-    smaller than its teacher often gains nothing here, or loses (the *capacity gap*).
+    Both students see every label: the comparison most papers make. Here distillation
+    pays only when the teacher is clearly more accurate than the student trained alone
+    (measured in ``docs/capacity_gap.md``).
 
 Each regime is an ordinary run directory (``OUT/few_labels``, ``OUT/all_labels``: config,
 stages, metrics, report; resumable like any run). The teacher is trained once: the second
