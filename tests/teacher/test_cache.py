@@ -525,3 +525,21 @@ def test_distilling_through_a_reindexed_cache_equals_a_cache_of_that_data(tmp_pa
     direct = distil(own, student, x[order], y[order])
     for name, value in direct.items():
         assert torch.equal(via_view[name], value), name
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(num_samples=m["num_samples"] - 1), r"num_samples is 95 but the dataset shape"),
+    (lambda m: (m.update(num_samples=95), m["dataset"].update(shape=[95, D])), r"logits.npy holds shape \[96, 10\]"),
+    (lambda m: m.update(num_classes=7), r"num_classes is 7 but logits_shape"),
+])
+def test_an_edited_manifest_is_refused_by_open_and_verify(built, capsys, edit, message):
+    _, _, path = built
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=message + r".*edited or damaged"):
+        TeacherCache.open(path, verify=False)
+    from kdistill.cli import main
+
+    assert main(["cache", "verify", str(path)]) == 1
+    assert "inconsistent" in capsys.readouterr().err

@@ -1276,7 +1276,36 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     missing = [key for key in needed if key not in manifest]
     if missing:
         raise CacheError(f"the manifest {f} lacks {missing}; it is damaged: rebuild the cache")
+    _check_consistent(manifest, f)
     return manifest
+
+
+def _check_consistent(manifest: dict[str, Any], f: Path) -> None:
+    """The manifest's numbers agree with each other and with the shapes it records for
+    its files (a hand-edited ``num_samples`` would otherwise pass every file checksum).
+
+    Raises:
+        CacheError: naming the first disagreement.
+    """
+    try:
+        n, views = int(manifest["num_samples"]), int(manifest.get("views") or 0)
+        rows = n * max(views, 1)
+        problems = []
+        if list(manifest["dataset"].get("shape", [n]))[:1] != [n]:
+            problems.append(f"num_samples is {n} but the dataset shape is {manifest['dataset'].get('shape')}")
+        if manifest["logits_shape"][-1] != manifest["num_classes"]:
+            problems.append(f"num_classes is {manifest['num_classes']} but logits_shape is {manifest['logits_shape']}")
+        for fname, info in manifest["files"].items():
+            want = [views, n] if info.get("role") == "view_seeds" else [rows]
+            if list(info["shape"][:len(want)]) != want:
+                problems.append(f"{fname} holds shape {info['shape']}, but num_samples {n} and views {views} "
+                                f"call for {want + ['...'] if len(want) == 1 else want}")
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        problems = [f"a field is malformed ({type(e).__name__}: {e})"]
+    if problems:
+        raise CacheError(f"the manifest {f} is inconsistent: {problems[0]}"
+                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                         + ". It was edited or damaged: rebuild the cache (TeacherCache.build(..., overwrite=True)).")
 
 
 def _manifest_key(manifest: dict[str, Any]) -> dict[str, Any]:
