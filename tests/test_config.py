@@ -96,8 +96,8 @@ def test_digits_config_values():
     assert c.checkpoint.every_seconds == 30
 
 
-def test_empty_file_gives_the_defaults(tmp_path):
-    c = load_config(write(tmp_path, "# nothing but a comment\n"))
+def test_an_explicit_empty_mapping_gives_the_defaults(tmp_path):
+    c = load_config(write(tmp_path, "{}  # every default, on purpose\n"))
     assert c == ExperimentConfig()
     assert c.stages.distil.losses[0].name == "kd"
 

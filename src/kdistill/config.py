@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import importlib
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -48,6 +50,7 @@ __all__ = [
     "load_config",
     "resolve_callable",
     "validate_config",
+    "yaml_load",
 ]
 
 OPTIMIZERS = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD",
@@ -58,6 +61,8 @@ AUGMENTATIONS = {"random_crop": "kdistill.data.augment.RandomCrop",
                  "mixup": "kdistill.data.augment.Mixup",
                  "cutmix": "kdistill.data.augment.CutMix"}
 CALLBACKS = {"early_stopping": "kdistill.callbacks.EarlyStopping"}
+#: The shipped config that error messages point to.
+EXAMPLE_CONFIG = "configs/fashion_mnist/kd/classic_cnn.yaml"
 
 
 class _Strict(BaseModel):
@@ -543,9 +548,50 @@ class ExperimentConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
+#: Floats as YAML 1.2 (and every ML config) writes them, that YAML 1.1 (PyYAML) reads as
+#: strings: an exponent without a dot or without a sign (``1e-3``, ``1E5``, ``1.0e5``), and
+#: a signed number starting with a dot (``-.5``). YAML 1.1's own float forms (``0.5``,
+#: ``.5``, ``5.``, ``-2.5e+4``, ``.inf``, ``.nan``) already resolve; this pattern is only
+#: consulted after them and after the int pattern, so ints (``3``, ``0x10``) stay ints, and
+#: it is anchored, so ``1e-3abc``, ``e5``, ``1.2.3`` and bare ``inf``/``nan`` stay strings.
+_YAML12_FLOAT = re.compile(r"""^[-+]?(?:
+      (?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?   # 1.5, 5., .5, 1.0e5
+    | [0-9]+[eE][-+]?[0-9]+                              # 1e-3, 1E5, 2e0
+    )$""", re.X)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_classes() -> tuple[type, type]:
+    """A SafeLoader and a SafeDumper that both know :data:`_YAML12_FLOAT` (the dumper, so a
+    string like ``"1e3"`` is written quoted and reads back as a string)."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that also reads YAML 1.2 floats (``1e-3``) as floats."""
+
+    class ConfigDumper(yaml.SafeDumper):
+        """``yaml.SafeDumper`` that quotes the strings ``ConfigLoader`` would read as floats."""
+
+    # add_implicit_resolver copies the inherited table first: yaml.SafeLoader is unchanged
+    for cls in (ConfigLoader, ConfigDumper):
+        cls.add_implicit_resolver(_FLOAT_TAG, _YAML12_FLOAT, list("-+0123456789."))
+    return ConfigLoader, ConfigDumper
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, but with YAML 1.2 floats: ``1e-3``, ``1E5``,
+    ``-.5`` are floats (PyYAML follows YAML 1.1, where they are strings). Used for config
+    files and ``--set`` values; use it wherever a user's value is parsed as YAML."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_classes()[0])
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML: ``3``, ``0.5``, ``true``,
-    ``[1, 2]``, ``null``); list items by index (``stages.distil.losses.0.weight=0.5``).
+    """Apply ``key.path=value`` overrides (values parsed as YAML by :func:`yaml_load`: ``3``,
+    ``0.5``, ``1e-3``, ``true``, ``[1, 2]``, ``null``); list items by index
+    (``stages.distil.losses.0.weight=0.5``).
 
     Raises:
         ConfigError: an override without ``=`` or through a value that is not a mapping/list.
@@ -557,7 +603,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.path=value, e.g. stages.distil.epochs=3")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML ({e}); quote "
+                              "strings with special characters, e.g. key='a: b'") from None
         node: Any = out
         parts = key.strip().split(".")
         for i, part in enumerate(parts):
@@ -629,20 +679,28 @@ def validate_config(raw: Mapping[str, Any], *, source: str = "<config>") -> Expe
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment file, apply ``key.path=value`` overrides, and validate it.
 
+    Numbers are read as YAML 1.2 writes them (``lr: 1e-3`` is a float; see
+    :func:`yaml_load`). A file with nothing in it (empty, or only comments) is refused
+    rather than run as the default experiment; ``{}`` asks for every default on purpose.
+
     Raises:
-        ConfigError: missing file, YAML syntax error, or an invalid config (every problem
-            listed with its key path).
+        ConfigError: missing or empty file, YAML syntax error, or an invalid config (every
+            problem listed with its key path).
     """
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"no config file at {path}; the shipped ones are under configs/ (e.g. configs/fashion_mnist/kd/classic_cnn.yaml)")
+        raise ConfigError(f"no config file at {path}; the shipped ones are under configs/ (e.g. {EXAMPLE_CONFIG})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    raw = {} if raw is None else raw  # an empty file: every default
+    if raw is None:
+        raise ConfigError(
+            f"{path} is empty (no settings, only blank lines or comments), so it describes no experiment; "
+            f"write the experiment into it, starting from a shipped example such as {EXAMPLE_CONFIG} "
+            "(or write {} to run every default on purpose)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment config is a mapping of sections (data, teacher, ...), got {type(raw).__name__}")
     source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
@@ -653,7 +711,7 @@ def dump_config(config: ExperimentConfig) -> str:
     """The resolved config as YAML (every default filled in), as saved in a run directory."""
     import yaml
 
-    return yaml.safe_dump(config_dict(config), sort_keys=False)
+    return yaml.dump(config_dict(config), Dumper=_yaml_classes()[1], sort_keys=False)
 
 
 def config_dict(config: BaseModel) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
+    from ..config import yaml_load
 
     from ..taps import list_layers
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             key, sep, value = item.partition("=")
             if not sep:
                 raise KDistillError(f"--kw {item!r} must look like key=value")
-            kwargs[key] = yaml.safe_load(value)
+            kwargs[key] = yaml_load(value)
         model = build_model(args.model, num_classes=args.num_classes, in_channels=shape[0], input_size=shape[-1], **kwargs)
     rows = list_layers(model, torch.zeros(2, *shape))
     if args.depth is not None:

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def parse_grid(items: list[str]) -> dict[str, list]:
     """``["alpha=0.1,0.5"]`` -> ``{"stages.distil.alpha": [0.1, 0.5]}`` (values parsed as YAML)."""
-    import yaml
+    from ..config import yaml_load
 
     grid: dict[str, list] = {}
     for item in items:
@@ -51,7 +51,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         path = ALIASES.get(key.strip(), key.strip())
         if path in grid:
             raise ConfigError(f"--grid names {key!r} twice")
-        grid[path] = [yaml.safe_load(v) for v in values.split(",")]
+        grid[path] = [yaml_load(v) for v in values.split(",")]
     return grid
 
 

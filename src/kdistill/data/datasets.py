@@ -1,13 +1,16 @@
 """Load the small image-classification datasets by name, from disk only.
 
-``load_dataset("fashion_mnist")`` looks for the four IDX files in ``data_dir``, then in
-``$KDISTILL_DATA``, then where Debian's ``dataset-fashion-mnist`` package installs them.
-Nothing is ever downloaded: when the files are nowhere, the error lists every folder
-tried and how to get the data.
+``load_dataset("fashion_mnist", data_dir=DIR)`` reads the four IDX files from ``DIR`` and
+nowhere else: a folder the user names is used or refused, never silently replaced by
+another copy. Without ``data_dir`` it searches ``$KDISTILL_DATA``, then where Debian's
+``dataset-fashion-mnist`` package installs them. Either way ``DatasetSplits.source`` names
+the folder actually read. Nothing is ever downloaded: when the files are not found, the
+error lists every folder tried and how to get the data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -94,6 +97,8 @@ class DatasetSplits:
         x_test: ``(M, C, H, W)`` float32 images.
         y_test: ``(M,)`` int64 labels.
         classes: human-readable name of each class, by label.
+        source: the folder the files were read from (``None`` for data that did not come
+            from a folder: ``digits``, arrays built in code, a custom reader's result).
     """
 
     name: str
@@ -102,6 +107,7 @@ class DatasetSplits:
     x_test: np.ndarray = field(repr=False)
     y_test: np.ndarray = field(repr=False)
     classes: tuple[str, ...] = field(repr=False)
+    source: Path | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -269,7 +275,9 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 
 def data_roots(data_dir: str | os.PathLike | None) -> list[Path]:
-    """The folders a dataset is looked for in first: ``data_dir``, then ``$KDISTILL_DATA``."""
+    """The folders a dataset is looked for in first: ``data_dir``, then ``$KDISTILL_DATA``.
+
+    :func:`load_dataset` itself searches ``data_dir`` alone when it is given."""
     roots = []
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
@@ -279,35 +287,63 @@ def data_roots(data_dir: str | os.PathLike | None) -> list[Path]:
     return roots
 
 
-def _candidate_folders(name: str, spec: _IdxSpec, data_dir: str | os.PathLike | None):
-    """Folders to search for ``name``'s IDX files, in order, without duplicates."""
-    folders = []
-    for root in data_roots(data_dir):
-        folders += [
-            root,
-            root / name,
-            root / name.replace("_", "-"),
-            root / spec.torchvision_name / "raw",
-        ]
-    # Debian installs the files straight into its own folder.
-    folders.append(DEBIAN_DATASETS / spec.debian_name)
-    return list(dict.fromkeys(folders))
+def _idx_folders(name: str, spec: _IdxSpec, root: Path) -> list[Path]:
+    """Where under ``root`` an IDX dataset may lie: the folder itself, ``<name>/``,
+    ``<name-with-dashes>/``, torchvision's ``<Name>/raw/``."""
+    return list(dict.fromkeys([
+        root,
+        root / name,
+        root / name.replace("_", "-"),
+        root / spec.torchvision_name / "raw",
+    ]))
+
+
+def _idx_files(folder: Path) -> dict[str, Path | None]:
+    """``{stem: path or None}`` of the four IDX files in ``folder``."""
+    return {stem: _find_file(folder, stem) for stem in _IDX_FILES.values()}
+
+
+def _read_idx_folder(name: str, spec: _IdxSpec, folder: Path, files: dict[str, Path | None]) -> DatasetSplits:
+    paths = {key: files[stem] for key, stem in _IDX_FILES.items()}
+    arrays = {
+        key: (load_idx_images if key.startswith("x") else load_idx_labels)(path)
+        for key, path in paths.items()
+    }
+    splits = DatasetSplits(name=name, classes=spec.classes, source=folder, **arrays)
+    _check_labels(splits, paths)
+    return splits
 
 
 def _load_idx_dataset(name: str, data_dir: str | os.PathLike | None) -> DatasetSplits:
     spec = _IDX_DATASETS[name]
+    if data_dir is not None:  # the user named a folder: read it, or say why not
+        root = Path(data_dir).expanduser()
+        checked = []
+        for folder in _idx_folders(name, spec, root):
+            files = _idx_files(folder)
+            if all(files.values()):
+                return _read_idx_folder(name, spec, folder, files)
+            checked.append((folder, files))
+        raise DatasetNotFoundError(_named_folder_message(
+            name, root, checked,
+            needed=f"the four IDX files {', '.join(_IDX_FILES.values())} (each raw or .gz)",
+            layouts=f"{name}/, {name.replace('_', '-')}/ or {spec.torchvision_name}/raw/",
+            fill=f"put the missing files into {{folder}} (from {spec.url})",
+            elsewhere=(f"${DATA_ENV} or Debian's package (sudo apt-get install {spec.apt_package}, "
+                       f"which installs into {DEBIAN_DATASETS / spec.debian_name})" if spec.apt_package
+                       else f"${DATA_ENV}"),
+            suffix="[.gz]",
+        ))
+
+    # No folder named: $KDISTILL_DATA is a place to search, then Debian's folder.
+    folders = [f for root in data_roots(None) for f in _idx_folders(name, spec, root)]
+    folders.append(DEBIAN_DATASETS / spec.debian_name)  # Debian installs the files straight here
     tried = []
-    for folder in _candidate_folders(name, spec, data_dir):
-        files = {key: _find_file(folder, stem) for key, stem in _IDX_FILES.items()}
-        missing = [_IDX_FILES[k] for k, f in files.items() if f is None]
+    for folder in dict.fromkeys(folders):
+        files = _idx_files(folder)
+        missing = [stem for stem, f in files.items() if f is None]
         if not missing:
-            arrays = {
-                key: (load_idx_images if key.startswith("x") else load_idx_labels)(path)
-                for key, path in files.items()
-            }
-            splits = DatasetSplits(name=name, classes=spec.classes, **arrays)
-            _check_labels(splits, files)
-            return splits
+            return _read_idx_folder(name, spec, folder, files)
         if not folder.is_dir():
             tried.append(f"{folder} (no such folder)")
         elif len(missing) == len(_IDX_FILES):
@@ -315,6 +351,60 @@ def _load_idx_dataset(name: str, data_dir: str | os.PathLike | None) -> DatasetS
         else:
             tried.append(f"{folder} (missing {', '.join(m + '[.gz]' for m in missing)})")
     raise DatasetNotFoundError(_not_found_message(name, spec, tried))
+
+
+def _named_folder_message(
+    name: str,
+    root: Path,
+    checked: list[tuple[Path, dict[str, Path | None]]],
+    *,
+    needed: str,
+    layouts: str,
+    fill: str,
+    elsewhere: str,
+    suffix: str = "",
+) -> str:
+    """Why ``root``, the folder the user named, does not hold dataset ``name``.
+
+    Args:
+        checked: each folder looked in under ``root``, with ``{file: path or None}``.
+        needed: the files, in words; ``layouts``: the sub-folders they may lie in.
+        fill: how to put the data there, with ``{folder}`` for ``root``.
+        elsewhere: what is used when no folder is named.
+        suffix: appended to a missing file's name (``[.gz]``).
+    """
+    shown = f"{root} ({root.resolve()})" if not root.is_absolute() else str(root)
+    how = "--data-dir / data.data_dir / load_dataset(data_dir=...)"
+    fix = f"To fix: {fill.format(folder=root)}, or drop --data-dir (data.data_dir) to use {elsewhere}."
+    if not root.is_dir():
+        return "\n".join([
+            f"dataset {name!r} not found: the data folder you named ({how}), {shown}, "
+            f"{'is not a folder' if root.exists() else 'does not exist'}.",
+            f"It must hold {needed}, in the folder itself or in {layouts} under it.",
+            fix.replace("To fix: ", "To fix: check the path; or ", 1),
+        ])
+    lines = [
+        f"dataset {name!r} not found in the data folder you named ({how}), {shown}; a folder "
+        "you name is read or refused, never replaced by another copy of the dataset.",
+        f"It must hold {needed}, in the folder itself or in {layouts} under it. Found:",
+    ]
+    for folder, files in checked:
+        if folder != root and not folder.is_dir():
+            continue  # an optional layout that is not there
+        have = [p.name for p in files.values() if p is not None]
+        missing = [stem + suffix for stem, p in files.items() if p is None]
+        if have:
+            status = f"missing {', '.join(missing)}; has {', '.join(have)}"
+        else:
+            entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+            if not entries:
+                status = "empty folder"
+            else:
+                more = f", ... ({len(entries)} entries)" if len(entries) > 8 else ""
+                status = f"none of the files; it holds {', '.join(entries[:8])}{more}"
+        lines.append(f"  - {folder} ({status})")
+    lines.append(fix)
+    return "\n".join(lines)
 
 
 def _check_labels(splits: DatasetSplits, files: dict[str, Path]) -> None:
@@ -386,18 +476,28 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     ``cifar10`` / ``cifar100`` read the python-pickle batches (see
     :func:`kdistill.data.cifar.load_cifar`) from ``data_dir`` or ``$KDISTILL_DATA``.
 
+    A ``data_dir`` that is given is the only place looked in (with the sub-folder layouts
+    above): when it does not hold the dataset's files, the error names it and the files
+    missing, and ``$KDISTILL_DATA`` or Debian's copy are *not* used in its place.
+    ``$KDISTILL_DATA`` is a place to search: when it lacks the dataset, Debian's folder is
+    tried next. The folder read is ``DatasetSplits.source``.
+
     Args:
         name: dataset name, case-insensitive, ``-`` or ``_`` (``"Fashion-MNIST"``).
-        data_dir: folder to look in first.
+        data_dir: the folder to read (or its parent, in the layouts above); ``None``:
+            search ``$KDISTILL_DATA``, then Debian's folder.
 
     Returns:
-        The :class:`DatasetSplits`, images ``(N, 1, H, W)`` float32 in ``[0, 1]``.
+        The :class:`DatasetSplits`, images ``(N, 1, H, W)`` float32 in ``[0, 1]``, with
+        ``source`` the folder read (``None`` for ``digits``).
 
     Raises:
         ValueError: if ``name`` is not one of :data:`DATASETS`, or a file's labels do not
             fit the dataset.
-        DatasetNotFoundError: (a ``FileNotFoundError``) if no folder holds all four IDX
-            files; the message lists every folder tried and how to get the data.
+        DatasetNotFoundError: (a ``FileNotFoundError``) if ``data_dir`` is given and does
+            not hold the dataset's files (the message names the folder and the files
+            missing), or if no folder searched holds them (it lists every folder tried);
+            both say how to get the data.
         ImportError: for ``digits`` without scikit-learn installed.
         IdxFormatError: if a file is found but is not valid IDX.
     """
@@ -405,7 +505,31 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     if key == "digits":
         return _load_digits()
     if key in ("cifar10", "cifar100"):
-        from .cifar import load_cifar  # cifar.py imports this module
-
-        return load_cifar(key, data_dir)
+        return _load_cifar_dataset(key, data_dir)
     return _load_idx_dataset(key, data_dir)
+
+
+def _load_cifar_dataset(key: str, data_dir: str | os.PathLike | None) -> DatasetSplits:
+    """:func:`~kdistill.data.cifar.load_cifar`, with a named ``data_dir`` read or refused
+    (never replaced by ``$KDISTILL_DATA``) and ``source`` set to the folder read."""
+    from . import cifar  # cifar.py imports this module
+
+    spec = cifar._SPECS[key]
+    needed = [*spec.train, spec.test, spec.meta]
+    folders = cifar._candidate_folders(spec, data_dir)
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        folders = [f for f in folders if f in (root, root / spec.folder)]  # not $KDISTILL_DATA
+    checked = [(folder, {f: (folder / f if (folder / f).is_file() else None) for f in needed}) for folder in folders]
+    complete = [folder for folder, files in checked if all(files.values())]
+    if data_dir is not None and not complete:
+        raise DatasetNotFoundError(_named_folder_message(
+            key, root, checked,
+            needed=f"the python-version batches {', '.join(needed)}",
+            layouts=f"{spec.folder}/ (what {spec.archive} extracts to)",
+            fill=f"extract {spec.archive} (the python version, from {cifar._URL}) into {{folder}}",
+            elsewhere=f"${DATA_ENV}",
+        ))
+    # load_cifar looks in the same folders in the same order: it reads complete[0]
+    splits = cifar.load_cifar(key, complete[0] if complete else data_dir)
+    return dataclasses.replace(splits, source=complete[0]) if complete else splits
