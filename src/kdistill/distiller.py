@@ -39,21 +39,90 @@ _OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
 
 
 class _EpochMeans:
-    """Running means of the step logs, each weighted by the samples it was averaged over."""
+    """Running means of the step logs, each weighted by the samples it was averaged over.
 
-    def __init__(self) -> None:
+    In a multi-process fit (``shared`` given), each step's weighted sums are summed across
+    the processes before they are added, so every process holds the means over all of
+    them: the epoch's logs need no further reduction, and the sums a training state saves
+    on rank 0 are the whole run's (a resume restores them on every process).
+    """
+
+    def __init__(self, shared: distributed.StepSums | None = None) -> None:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.shared = shared
 
     def update(self, logs: dict[str, float], weights: dict[str, float]) -> None:
+        if self.shared is not None:
+            self._update_shared(logs, weights)
+            return
         for k, v in logs.items():
             w = weights.get(k, weights["*"])
             if w > 0:
                 self.sums[k] = self.sums.get(k, 0.0) + v * w
                 self.weights[k] = self.weights.get(k, 0.0) + w
 
+    def _update_shared(self, logs: dict[str, float], weights: dict[str, float]) -> None:
+        local: dict[str, float] = {}
+        for k, v in logs.items():
+            w = weights.get(k, weights["*"])
+            if w > 0:
+                local[f"s:{k}"], local[f"w:{k}"] = v * w, w
+        total = self.shared(local)  # (a collective: every process, every step)
+        for name in total:
+            if name.startswith("w:") and total[name] > 0:
+                k = name[2:]
+                self.sums[k] = self.sums.get(k, 0.0) + total[f"s:{k}"]
+                self.weights[k] = self.weights.get(k, 0.0) + total[name]
+
     def result(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in self.sums}
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are plain data (numbers, strings, and lists, tuples
+    and string-keyed dicts of them); tensors, modules and callables are left out."""
+
+    def plain(v: Any) -> bool:
+        if isinstance(v, _PLAIN):
+            return True
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return False
+
+    return {k: v for k, v in values.items() if plain(v)}
+
+
+#: Module attributes that change as training goes, or are not settings.
+_NOT_SETTINGS = frozenset({"training", "epoch", "global_step"})
+
+
+def _module_settings(module: nn.Module) -> dict[str, Any]:
+    """``{"class": ..., setting: value, child: {...}}``: the public attributes of ``module``
+    that are plain data (a loss's temperature, weights, reduction), and its submodules'."""
+    out = {"class": type(module).__qualname__}
+    out.update(_plain({k: v for k, v in vars(module).items() if not k.startswith("_") and k not in _NOT_SETTINGS}))
+    for name, child in module.named_children():
+        out[name] = _module_settings(child)
+    return out
+
+
+def _describe(obj: Any) -> Any:
+    """A description of a callable (a loss, an augmentation) that is the same in every
+    process that built it alike: its settings, never its address in memory."""
+    if obj is None:
+        return None
+    if callable(getattr(obj, "to_config", None)):
+        return obj.to_config()
+    if isinstance(obj, nn.Module):
+        return _module_settings(obj)
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{getattr(obj, '__module__', None) or type(obj).__module__}.{name}"
 
 
 def _to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -473,7 +542,8 @@ class Trainer:
         self._epochs = epochs
         self._steps_per_epoch = steps_per_epoch or len(train)
         self._passes = _Passes(train, generator)
-        self._means = _EpochMeans()
+        self._step_sums = distributed.StepSums() if world > 1 else None
+        self._means = _EpochMeans(self._step_sums)
         self._epoch_done = False
         self.epoch, self.step_in_epoch = initial_epoch, 0
         self._fit_started, self._elapsed_before = time.perf_counter(), 0.0
@@ -481,6 +551,9 @@ class Trainer:
         distributed.run_together("setting up the training", lambda: self._before_training(train, generator))
         if resume_from is not None:  # sets epoch, step, history, RNG, data position
             distributed.run_together("restoring the training state", lambda: self._restore_training_state(resume_from))
+        if world > 1:  # processes set up differently would hang in a collective or train apart: fail now, together
+            distributed.check_agreement("the training set-up (fit)", self._agreement_values(
+                train, val, epochs=epochs, batch_size=batch_size, shuffle=shuffle, initial_epoch=initial_epoch))
         self._after_restore(train, generator)  # a loss's own pre-training stage, if it has not run
         start_epoch, start_step = self.epoch, self.step_in_epoch
         try:
@@ -520,7 +593,7 @@ class Trainer:
                 cb.on_epoch_begin(epoch)
             self.model.train()
             if epoch != start_epoch or start_step == 0:
-                self._means = _EpochMeans()
+                self._means = _EpochMeans(self._step_sums)
             for step in range(start_step if epoch == start_epoch else 0, self._steps_per_epoch):
                 self.step_in_epoch = step
                 batch = self._augment_batch(self._passes.next().to(self.device))
@@ -532,7 +605,10 @@ class Trainer:
                 running = self._means.result()
                 for cb in cbs:
                     cb.on_train_batch_end(step, running)
-            epoch_logs = distributed.reduce_weighted_means(self._means.sums, self._means.weights)
+            if self._step_sums is None:
+                epoch_logs = distributed.reduce_weighted_means(self._means.sums, self._means.weights)
+            else:  # summed across the processes step by step already
+                epoch_logs = self._means.result()
             if val is not None:
                 epoch_logs.update({f"val_{k}": v for k, v in self._run_eval(val, reduce=True).items()})
             if self.scheduler is not None and self.scheduler_interval == "epoch":
@@ -547,6 +623,42 @@ class Trainer:
         for cb in cbs:
             cb.on_train_end()
 
+    def _agreement_values(self, train: Any, val: Any, **fit_args: Any) -> dict[str, Any]:
+        """What must be equal on every process of a multi-process fit for them to train as
+        one (compared by :func:`kdistill.distributed.check_agreement` when ``fit``
+        starts, after a resume was restored). Cheap to build: settings, sizes and shapes,
+        no data."""
+        opt = self.optimizer
+        return {
+            "trainer": type(self).__qualname__,
+            "fit": {
+                **fit_args,
+                "steps_per_epoch": self._steps_per_epoch,
+                "training_samples": getattr(train, "num_samples", None),
+                "validation_samples": None if val is None else getattr(val, "num_samples", None),
+                "augment": _describe(self.augment),
+                "start": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step},
+            },
+            "compile": {
+                "temperature": self.temperature,
+                "loss": _describe(self.loss_fn),
+                "metrics": list(self.metrics),
+                "optimizer": {
+                    "class": type(opt).__qualname__,
+                    "defaults": _plain(opt.defaults),
+                    "param_groups": [{**_plain({k: v for k, v in g.items() if k != "params"}),
+                                      "params": len(g["params"])} for g in opt.param_groups],
+                },
+                "scheduler": None if self.scheduler is None else type(self.scheduler).__qualname__,
+                "scheduler_interval": self.scheduler_interval,
+            },
+            "model": {
+                "class": type(self.model).__qualname__,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "shapes": {name: list(p.shape) for name, p in self.model.named_parameters()},
+            },
+        }
+
     # ------------------------------------------------------------------ resuming
     def _resumable_modules(self) -> dict[str, nn.Module]:
         """Modules whose state a resumed run restores (the Distiller adds its loss)."""
@@ -554,7 +666,13 @@ class Trainer:
 
     def training_state(self) -> dict[str, Any]:
         """Everything :meth:`fit` needs to continue from this point (called by
-        :class:`~kdistill.callbacks.TrainingCheckpoint` within ``fit``)."""
+        :class:`~kdistill.callbacks.TrainingCheckpoint` within ``fit``).
+
+        In a multi-process fit the epoch's running means (``"means"``: weighted sums and
+        weights of every log) are already summed over all processes, so the state rank 0
+        writes holds the whole run's; a resume restores them on every process, with the
+        same or another number of processes, and the interrupted epoch is logged as an
+        uninterrupted run logs it. Not a collective: rank 0 may call it alone."""
         from .runtime import rng_state
 
         epoch, step = (self.epoch + 1, 0) if self._epoch_done else (self.epoch, self.step_in_epoch)
@@ -850,6 +968,16 @@ class Distiller(Trainer):
 
     def _resumable_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "distillation_loss": self.distillation_loss}
+
+    def _agreement_values(self, train: Any, val: Any, **fit_args: Any) -> dict[str, Any]:
+        values = super()._agreement_values(train, val, **fit_args)
+        values["distil"] = {
+            "alpha": self.alpha,
+            "student_loss_weight": self.student_loss_weight,
+            "distillation_loss": _module_settings(self.distillation_loss),
+            "teacher": type(self.teacher).__qualname__,
+        }
+        return values
 
     # ------------------------------------------------------------------ taps and set-up
     def loss_parts(self) -> list[DistillationLoss]:

@@ -27,21 +27,35 @@ so a process that dies never leaves the others waiting for ever. Then:
   (:attr:`~kdistill.callbacks.Callback.main_process_only`) and writes run directories,
   checkpoints and reports;
 * a failure in the set-up on one process (a teacher/student mismatch, a missing layer) is
-  shared: every process raises :class:`DistributedError` naming the rank and its error.
+  shared: every process raises :class:`DistributedError` naming the rank and its error;
+* processes started with different settings fail together at the start instead of
+  hanging in a collective or training apart: ``fit`` compares what makes the processes'
+  training identical (compile settings, epochs, batch and data sizes, the model's
+  parameter shapes) and ``kdistill run`` the experiment's config and data, with
+  :func:`check_agreement`, which names the keys that differ and each rank's value;
+* the training logs of an epoch are summed across processes after every step
+  (:class:`StepSums`, one small all-reduce), so every process holds the epoch's running
+  means over all processes: a training state saved mid-epoch by rank 0 carries them, and
+  a resumed run logs the epoch an uninterrupted run logs, whatever its number of
+  processes.
 
 Each process keeps its own random stream (seeded ``seed + rank``), so augmentations and
 dropout differ between processes as they should. A resumed run restores rank 0's streams
 on rank 0 and derives the other ranks' from them: a resumed multi-process run is as
-valid as an uninterrupted one, and identical to it when training draws no random numbers.
+valid as an uninterrupted one, and identical to it when training draws no random numbers;
+the interrupted epoch's training logs are those of an uninterrupted run in any case (the
+running means saved are already summed over the processes).
 """
 
 from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
+import json
 import os
 from datetime import timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -278,3 +292,149 @@ def run_together(what: str, fn: Callable[[], Any]) -> Any:
         lines = "\n".join(f"  rank {r}: {msg}" for r, msg in failed)
         raise DistributedError(f"{what} failed on {len(failed)} of {world_size()} processes:\n{lines}") from error
     return result
+
+
+class StepSums:
+    """Sums ``{name: float}`` across processes, call after call, with one all-reduce per
+    call once every process's names are known.
+
+    The names may differ between processes and calls (a process whose share of a batch
+    has no labelled sample logs no accuracy): a name a process has not sent before makes
+    every process agree on the union of names (one gather) and sum again; a name missing
+    on a process counts as zero there. In a single process, the values are returned as
+    they are.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._known: set[str] = set()
+
+    def __call__(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Every process's ``values`` summed, name by name (a collective: every process
+        must call it, as often as the others)."""
+        if not is_distributed():
+            return dict(values)
+        new = [k for k in values if k not in self._known]
+        # 1. the known names, plus a count of the processes that bring new ones
+        t = torch.tensor([float(values.get(k, 0.0)) for k in self.names] + [float(bool(new))],
+                         dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        if t[-1].item() == 0:
+            return dict(zip(self.names, t[:-1].cpu().tolist()))
+        # 2. some process has new names: every process appends the union, in rank order,
+        # then this call's values are summed again over the longer list
+        for names in all_gather_object(new):
+            for k in names:
+                if k not in self._known:
+                    self._known.add(k)
+                    self.names.append(k)
+        t = torch.tensor([float(values.get(k, 0.0)) for k in self.names], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        return dict(zip(self.names, t.cpu().tolist()))
+
+
+_MISSING = object()
+_MAX_SHOWN = 20  # differing keys named in one message
+_MAX_VALUE_CHARS = 120
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists, scalars and empty mappings are leaves."""
+    if isinstance(values, Mapping) and values:
+        out: dict[str, Any] = {}
+        for k, v in values.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: values}
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "(missing)"
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS - 3] + "..."
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    """``[0]`` -> ``rank 0``; ``[0, 1, 2, 5]`` -> ``ranks 0-2, 5``."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return "ranks " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def differences(values: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where the processes' mappings differ: one line per dotted key, naming each rank's
+    value (ranks with the same value grouped).
+
+    Args:
+        values: one (nested) mapping per rank, in rank order.
+
+    Returns:
+        Lines such as ``"stages.distil.epochs: rank 0 = 2, rank 1 = 3"``, in the order the
+        keys first appear (rank 0's order first); empty when all mappings are equal. A
+        key that a rank lacks shows ``(missing)`` for it.
+    """
+    flat = [_flatten(v) for v in values]
+    keys: dict[str, None] = {}
+    for f in flat:
+        keys.update(dict.fromkeys(f))
+    lines = []
+    for key in keys:
+        shown = [_show(f.get(key, _MISSING)) for f in flat]
+        if len(set(shown)) == 1:
+            continue
+        groups: dict[str, list[int]] = {}
+        for r, text in enumerate(shown):
+            groups.setdefault(text, []).append(r)
+        lines.append(f"{key}: " + ", ".join(f"{_ranks(rs)} = {text}" for text, rs in groups.items()))
+    return lines
+
+
+def _canonical(values: Mapping[str, Any]) -> Any:
+    """``values`` as JSON reads it back (tuples as lists, other objects as their text)."""
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def check_agreement(what: str, values: Mapping[str, Any]) -> None:
+    """Fail on every process, at once, if the processes' ``values`` differ.
+
+    Call it on every process, at the same point, with what must be equal across them
+    (e.g. the resolved config and a fingerprint of the data): processes started with
+    different settings would otherwise wait for each other in a collective until the
+    timeout (another number of epochs) or train apart without a word (another
+    temperature). Only a hash travels (one all-gather of 8 bytes); the values themselves
+    are gathered when the hashes differ, to name what differs. A no-op in a single process.
+
+    Args:
+        what: what is compared, for the message (``"the experiment"``).
+        values: a JSON-serialisable mapping, nested as you like (other objects are
+            compared by their ``str``).
+
+    Raises:
+        DistributedError: on every process when any two differ, naming the dotted keys
+            and each rank's value, e.g. ``ranks disagree on the experiment:
+            stages.distil.epochs: rank 0 = 2, rank 1 = 3; start every process with the
+            same config and data``.
+    """
+    init()
+    if not is_distributed():
+        return
+    canonical = _canonical(values)
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+    mine = torch.tensor([digest], dtype=torch.int64, device=_comm_device())
+    hashes = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(hashes, mine)
+    if all(int(h.item()) == digest for h in hashes):
+        return
+    lines = differences(all_gather_object(canonical))  # every process gets every mapping: all raise alike
+    if len(lines) > _MAX_SHOWN:
+        lines = [*lines[:_MAX_SHOWN], f"... and {len(lines) - _MAX_SHOWN} more keys"]
+    raise DistributedError(f"ranks disagree on {what}: {'; '.join(lines)}; "
+                           "start every process with the same config and data")

@@ -5,7 +5,12 @@
 Each process writes ``OUT_DIR/result-<rank>.json``; rank 0 also saves the student's
 weights under OUT_DIR. Cases: ``distil`` (live teacher, KD + a FitNets hint with an adapter),
 ``cache`` (a teacher cache rank 0 builds and every process maps), ``mismatch`` (rank 1's
-teacher scores other classes: every process must fail, quickly, naming rank 1).
+teacher scores other classes: every process must fail, quickly, naming rank 1),
+``disagree_temperature`` / ``disagree_epochs`` (rank 1 distils at another temperature, or
+for another number of epochs: every process must fail at the start of fit, naming the
+key), ``agreement`` (``check_agreement`` called directly with values that differ on rank
+1), ``resume`` (an uninterrupted fit, then one stopped mid-epoch on every rank after a
+TrainingCheckpoint save and resumed from it: both histories are recorded).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 
 from kdistill import Distiller, distributed
+from kdistill.callbacks import Callback, TrainingCheckpoint
+from kdistill.checkpoint import read_training_state
 from kdistill.losses import HintLoss, KDLoss, WeightedSum
 from kdistill.teacher import TeacherCache
 
@@ -46,12 +53,12 @@ class Recording(Distiller):
         return super().train_step(batch)
 
 
-def distil(out: Path, teacher, student, x, y, loss) -> dict:
+def distil(out: Path, teacher, student, x, y, loss, epochs: int = 2) -> dict:
     d = Recording(student=student, teacher=teacher, device="cpu")
     d.seen, d.wrappers = [], set()
     d.compile(torch.optim.Adam(student.parameters(), lr=0.01), metrics=["accuracy"], alpha=0.3,
               temperature=4, distillation_loss_fn=loss)
-    history = d.fit(x, y, epochs=2, batch_size=BATCH, seed=0, verbose=0, validation_data=(x[:50], y[:50]))
+    history = d.fit(x, y, epochs=epochs, batch_size=BATCH, seed=0, verbose=0, validation_data=(x[:50], y[:50]))
     weights = {k: v.clone() for k, v in student.state_dict().items()}
     weights.update({f"loss.{k}": v.clone() for k, v in d.distillation_loss.state_dict().items()})
     if distributed.is_main():
@@ -60,6 +67,52 @@ def distil(out: Path, teacher, student, x, y, loss) -> dict:
     return {"seen": d.seen, "wrappers": sorted(d.wrappers), "history": history.history,
             "teacher_wrapped": live is not None and not isinstance(live, nn.Sequential),
             "teacher_trainable": live is not None and any(p.requires_grad for p in live.parameters())}
+
+
+def failure(fn) -> dict:
+    """What ``fn()`` raised, as the test reads it (nothing when it returned)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported, the test says what was expected
+        return {"error": str(e), "type": type(e).__name__}
+    return {}
+
+
+class Stopped(Exception):
+    pass
+
+
+class StopAt(Callback):
+    """Raises after global step ``n``, on every process (a stand-in for a killed run)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_batch_end(self, step, logs=None):
+        if self.trainer.global_step == self.n:
+            raise Stopped
+
+
+def resume(out: Path, x, y) -> dict:
+    """Histories of an uninterrupted fit and of one stopped mid-epoch (global step 11, epoch
+    1 step 3 of 8, right after a save) and resumed from its training state."""
+    def fit(**kw):
+        teacher, student = models()
+        d = Distiller(student=student, teacher=teacher, device="cpu")
+        d.compile(torch.optim.Adam(student.parameters(), lr=0.01), metrics=["accuracy"], alpha=0.3,
+                  distillation_loss_fn=KDLoss(temperature=4))
+        return d.fit(x, y, epochs=3, batch_size=BATCH, seed=0, verbose=0, validation_data=(x[:50], y[:50]), **kw)
+
+    reference = fit().history
+    path = out / "last.pt"
+    try:
+        fit(callbacks=[TrainingCheckpoint(path, every_steps=3), StopAt(11)])
+    except Stopped:
+        pass
+    distributed.barrier()  # rank 0 wrote the state before it stopped
+    state = read_training_state(path)
+    resumed = fit(callbacks=[TrainingCheckpoint(path, every_steps=3)], resume_from=state).history
+    return {"reference": reference, "resumed": resumed, "saved_at": [state["epoch"], state["step_in_epoch"]]}
 
 
 def main() -> None:
@@ -89,6 +142,21 @@ def main() -> None:
             result = {"error": str(e), "type": type(e).__name__}
         except Exception as e:  # noqa: BLE001 - reported, the test says what was expected
             result = {"error": str(e), "type": type(e).__name__}
+    elif case in ("disagree_temperature", "disagree_epochs"):
+        teacher, student = models()
+        other = os.environ.get("RANK") == "1"
+        temperature = 2 if other and case == "disagree_temperature" else 4
+        epochs = 3 if other and case == "disagree_epochs" else 2
+        result = failure(lambda: distil(out, teacher, student, x, y, KDLoss(temperature=temperature), epochs=epochs))
+    elif case == "agreement":
+        distributed.init()
+        r = distributed.rank()
+        values = {"stages": {"distil": {"epochs": 2 + (r == 1), "alpha": 0.1}}, "data": {"train": "abc"}}
+        result = failure(lambda: distributed.check_agreement("the experiment", values))
+        same = failure(lambda: distributed.check_agreement("the experiment", {"stages": {"distil": {"epochs": 2}}}))
+        result["same"] = same
+    elif case == "resume":
+        result = resume(out, x, y)
     # one file per process (their stdout lines would interleave in torchrun's output)
     record = {"rank": distributed.rank(), "world": distributed.world_size(), **result}
     (out / f"result-{distributed.rank()}.json").write_text(json.dumps(record))
