@@ -10,6 +10,12 @@ with the ``module.`` / ``_orig_mod.`` prefix of DDP and ``torch.compile``) or a
 ``.safetensors`` file, never unpickles code (``weights_only``), and loads strictly: every
 tensor of the model must be in the file with its shape, or nothing is loaded and the error
 lists what differs.
+
+Every checkpoint and training state carries ``content_sha256``, a SHA-256 of everything it
+holds (tensor bytes, shapes, dtypes and the other values), checked whenever it is read:
+bytes changed on disk after the write (a failing disk, a bad copy) raise
+:class:`CheckpointError` instead of loading wrong weights silently. Files written before
+the digest existed have none and are read as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +36,66 @@ from .errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"
 FORMAT_VERSION = 1
+#: The payload entry holding :func:`content_digest` of the rest of the payload.
+DIGEST_KEY = "content_sha256"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 (hex) of a payload: dicts (in their order), lists, tuples, tensors (dtype,
+    shape and bytes) and plain values (their ``repr``). The same for the object written
+    and the object ``torch.load`` reads back, whatever device it is mapped to."""
+    h = hashlib.sha256()
+    _digest_into(h, obj)
+    return h.hexdigest()
+
+
+def _digest_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        t = t.cpu().contiguous().reshape(-1)
+        try:
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError):  # dtypes without a byte view (quantized, ...)
+            h.update(repr(t.tolist()).encode())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _digest_into(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for v in obj:
+            _digest_into(h, v)
+    else:
+        h.update(f"V{obj!r}".encode())
+
+
+def _with_digest(payload: dict[str, Any]) -> dict[str, Any]:
+    return {**payload, DIGEST_KEY: content_digest(payload)}
+
+
+def _check_digest(payload: dict[str, Any], path: Path, what: str, fix: str) -> None:
+    """Pop and verify the payload's digest (absent in files of older versions: no check)."""
+    expected = payload.pop(DIGEST_KEY, None)
+    if expected is None:
+        return
+    found = content_digest(payload)
+    if found != expected:
+        raise CheckpointError(
+            f"{what} {path} is corrupt: the SHA-256 of its contents is {found}, but {expected} was recorded "
+            f"when it was written, so its bytes changed on disk since (a failing disk, an interrupted or "
+            f"damaged copy, an edit). {fix}"
+        )
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> Path:
@@ -105,7 +171,7 @@ def save_checkpoint(
         "extra": dict(extra or {}),
     }
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(_with_digest(payload), buffer)
     return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
@@ -113,7 +179,8 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """Read and check a checkpoint file without loading it into a model.
 
     Raises:
-        CheckpointError: if the file is missing, truncated, corrupt or not a kdistill checkpoint.
+        CheckpointError: if the file is missing, truncated, corrupt (its contents differ
+            from the digest recorded at the write) or not a kdistill checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,6 +200,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             "a .safetensors file) use kdistill.checkpoint.load_weights(path, model), which "
             "checks every key and shape, rather than model.load_state_dict(torch.load(path))."
         )
+    _check_digest(payload, path, "checkpoint", "Delete it and train again, or point to an intact copy.")
     return payload
 
 
@@ -351,11 +419,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -517,7 +581,7 @@ TRAINING_STATE_FORMAT = "kdistill-training-state"
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write a trainer's resumable state (:meth:`kdistill.Trainer.training_state`) atomically."""
     buffer = io.BytesIO()
-    torch.save({"format": TRAINING_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}, buffer)
+    torch.save(_with_digest({"format": TRAINING_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}), buffer)
     return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
@@ -525,7 +589,8 @@ def read_training_state(path: str | os.PathLike, *, map_location: str | torch.de
     """Read a file written by :func:`save_training_state`.
 
     Raises:
-        CheckpointError: missing, truncated or corrupt file, or not a training state.
+        CheckpointError: missing, truncated or corrupt file (contents that differ from the
+            digest recorded at the write included), or not a training state.
     """
     path = Path(path)
     if not path.is_file():
@@ -539,4 +604,5 @@ def read_training_state(path: str | os.PathLike, *, map_location: str | torch.de
         ) from e
     if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
         raise CheckpointError(f"{path} is not a kdistill training state (no '{TRAINING_STATE_FORMAT}' marker)")
+    _check_digest(state, path, "training state", "Delete it to restart the stage from its beginning.")
     return state

@@ -13,7 +13,9 @@ A run trains, in order, the **teacher** (or loads ``teacher.checkpoint``), the s
                                 training (model, adapters, optimizer, scheduler, RNG
                                 states, epoch, step, data position, history)
         history.jsonl           one JSON object per epoch (train and val_ terms)
-        stage.json, done.json   fingerprint of the stage; done.json marks it finished
+        stage.json, done.json   fingerprint of the stage; done.json marks it finished and
+                                records the SHA-256 of checkpoint.pt (checked at every load)
+      .lock                   held (flock) by the process running in the directory
       run.log                 what the runner did and when (trained, reused, resumed)
       metrics.json            every number of the report, and the machine
       figures/*.png           learning curves, confusion matrix, accuracy per epoch
@@ -24,6 +26,16 @@ Nothing is lost on a crash: every file is written atomically; a run killed at an
 (SIGKILL included) continues from its last training state with ``kdistill run --resume
 RUN_DIR`` and ends with the same metrics as an uninterrupted run with the same seed (on
 the CPU with the same thread count: bit for bit).
+
+One process at a time runs in a run directory: ``run_experiment`` holds an exclusive lock
+on ``RUN_DIR/.lock`` throughout, and a second run into the same directory is refused with
+the holder's pid, host and start time. (A lock left by a killed process is released by
+the kernel and taken over.) A continued run first removes the temporary files of atomic
+writes a kill interrupted.
+
+A stage checkpoint whose bytes changed after it was written (its SHA-256 differs from the
+one in ``done.json``) is never used: the runner trains that stage again, and
+:func:`load_stage_model` refuses it.
 
 Finished teacher and scratch stages are also published to a *stage store*
 (``teacher_store``, default ``~/.cache/kdistill/stages``): any later run whose stage has
@@ -52,14 +64,15 @@ from torch import nn
 from . import __version__, distributed
 from .bench import benchmark_model
 from .callbacks import Callback, JSONLogger, TrainingCheckpoint
-from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, load_weights, read_training_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, atomic_write_text, file_sha256, load_checkpoint, load_weights,
+                         read_training_state, save_checkpoint)
 from .config import ExperimentConfig, config_dict, dump_config, load_config
 from .data import load_dataset, split_labelled
 from .data.augment import Compose
 from .data.datasets import DatasetSplits
 from .distiller import Distiller, Trainer
 from .errors import ConfigError, RunDirectoryError
+from .locks import LockHeld, describe_holder, exclusive_lock
 from .losses.base import DistillationLoss, WeightedSum
 from .runtime import get_device, machine_description, seed_everything, set_threads
 
@@ -205,6 +218,47 @@ def _copy_stage(src: Path, dst: Path) -> None:
                     os.unlink(tmp)
 
 
+def verify_stage_checkpoint(ckpt: Path, done: dict, done_path: Path | None = None, *,
+                            fix: str = "Train the stage again or restore an intact copy.") -> None:
+    """Check a stage's ``checkpoint.pt`` against the SHA-256 its ``done.json`` recorded.
+
+    A ``done.json`` written before kdistill recorded the hash has none: nothing to check
+    (the checkpoint's own content digest, if any, is still checked when it is read).
+
+    Raises:
+        CheckpointError: the file is missing or its bytes differ from those written.
+    """
+    expected = done.get("checkpoint_sha256")
+    if expected is None:
+        return
+    if not ckpt.is_file():
+        raise CheckpointError(f"no checkpoint at {ckpt}: the file does not exist, though "
+                              f"{done_path or 'its done.json'} marks the stage finished")
+    found = file_sha256(ckpt)
+    if found != expected:
+        size, written = ckpt.stat().st_size, done.get("checkpoint_bytes")
+        sizes = f"{size} bytes" + (f", {written} when written" if written is not None and written != size else "")
+        raise CheckpointError(
+            f"checkpoint {ckpt} ({sizes}) is truncated or corrupt: it does not match the SHA-256 recorded in "
+            f"{done_path or 'done.json'} when it was written: expected {expected}, found {found}. Its bytes changed "
+            f"on disk since (a failing disk, a damaged copy, an edit), so its weights cannot be trusted. {fix}"
+        )
+
+
+def _load_finished_stage(sdir: Path, model: nn.Module) -> dict:
+    """Load a finished stage's verified weights into ``model``; returns its ``done.json``.
+
+    Raises:
+        CheckpointError: checksum mismatch, missing, truncated or corrupt checkpoint.
+        OSError, ValueError: unreadable ``done.json``.
+    """
+    done_path = sdir / "done.json"
+    done = json.loads(done_path.read_text())
+    verify_stage_checkpoint(sdir / "checkpoint.pt", done, done_path)
+    load_checkpoint(sdir / "checkpoint.pt", model)
+    return done
+
+
 def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer: Callable[[], Trainer],
                fit: Callable[[Trainer, list, Any], Any], *, share: bool) -> dict:
     """Train one stage into ``stages/<name>``, or reuse/resume it.
@@ -228,6 +282,7 @@ def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer
         if not distributed.is_main():
             plan = light
             if plan["action"] == "reuse":
+                verify_stage_checkpoint(sdir / "checkpoint.pt", plan["result"], sdir / "done.json")
                 load_checkpoint(sdir / "checkpoint.pt", model)
             elif plan["resume"]:
                 plan["resume_from"] = read_training_state(sdir / "last.pt")
@@ -249,12 +304,16 @@ def _run_stage(ctx: _Context, name: str, fp: str, model: nn.Module, make_trainer
             "run_dir": str(ctx.run_dir), "kdistill_version": __version__}
     if distributed.is_main():
         save_checkpoint(sdir / "checkpoint.pt", model, epoch=len(history.epoch) - 1)
+        # checked at every later load of the stage
+        done["checkpoint_sha256"] = file_sha256(sdir / "checkpoint.pt")
+        done["checkpoint_bytes"] = (sdir / "checkpoint.pt").stat().st_size
         atomic_write_text(sdir / "done.json", json.dumps(done))
-        # 5. publish for other runs (best effort: a read-only cache must not fail the run)
+        # 5. publish for other runs (best effort: a read-only cache must not fail the run);
+        #    a stored copy found corrupt is replaced
         if share and ctx.store is not None:
             try:
                 stored = ctx.store / f"{name}-{fp}"
-                if not (stored / "done.json").is_file():
+                if not (stored / "done.json").is_file() or plan.get("store_unusable"):
                     _copy_stage(sdir, stored)
             except OSError as e:
                 ctx.log(f"[{name}] could not publish to the stage store {ctx.store}: {e}")
@@ -272,26 +331,31 @@ def _plan_stage(ctx: _Context, name: str, fp: str, model: nn.Module, *, share: b
         done = json.loads(done_path.read_text())
         if done.get("fingerprint") == fp:
             try:
-                load_checkpoint(sdir / "checkpoint.pt", model)
+                _load_finished_stage(sdir, model)
                 ctx.log(f"[{name}] finished earlier in this run directory: reusing it")
                 return {"action": "reuse", "result": {**done, "reused": done.get("reused") or "this run"}}
             except CheckpointError as e:
                 ctx.log(f"[{name}] cannot reuse the finished stage ({e}); training again")
         done_path.unlink()
     # 2. finished by another run (same stage config, data and seed)
+    store_unusable = False
     if share and ctx.store is not None:
         stored = ctx.store / f"{name}-{fp}"
         if (stored / "done.json").is_file():
             try:
-                load_checkpoint(stored / "checkpoint.pt", model)
+                _load_finished_stage(stored, model)
                 _copy_stage(stored, sdir)
                 done = json.loads((sdir / "done.json").read_text())
+                verify_stage_checkpoint(sdir / "checkpoint.pt", done, sdir / "done.json")  # the copy, too
                 origin = done.get("run_dir", "another run")
                 ctx.log(f"[{name}] reusing the {name} trained by {origin} (same stage config, data and seed; "
                         f"fingerprint {fp}): no training")
                 return {"action": "reuse", "result": {**done, "reused": str(origin)}}
             except (CheckpointError, OSError, json.JSONDecodeError) as e:
                 ctx.log(f"[{name}] the stored stage {stored} is unusable ({e}); training")
+                store_unusable = True
+                for leftover in ("done.json", "checkpoint.pt"):  # a bad copy of it must not be reused here
+                    (sdir / leftover).unlink(missing_ok=True)
     # 3. interrupted here: resume from the last training state
     sdir.mkdir(parents=True, exist_ok=True)
     last = sdir / "last.pt"
@@ -310,7 +374,8 @@ def _plan_stage(ctx: _Context, name: str, fp: str, model: nn.Module, *, share: b
         if resume_from is None:
             last.unlink()
     atomic_write_text(stage_json, json.dumps({"fingerprint": fp, "stage": name}))
-    return {"action": "train", "resume": resume_from is not None, "resume_from": resume_from}
+    return {"action": "train", "resume": resume_from is not None, "resume_from": resume_from,
+            "store_unusable": store_unusable}
 
 
 def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, log: Callable[[str], None]) -> str:
@@ -334,7 +399,13 @@ def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, lo
                 (run_dir / item).unlink(missing_ok=True)
             return "new"
         if same and info.get("status") == "finished":
-            return "finished"
+            damaged = _damaged_stages(run_dir)
+            if not damaged:
+                return "finished"
+            log(f"{run_dir} holds this finished run, but the checkpoint of stage(s) {', '.join(damaged)} changed "
+                "on disk after it was written (its SHA-256 differs from the one in done.json): continuing the run "
+                "to train them again")
+            return "continue"
         if same:
             log(f"{run_dir} holds an unfinished run of this config: continuing it")
             return "continue"
@@ -344,12 +415,91 @@ def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, lo
             f"Use another output directory (--out or output_dir), continue that run with "
             f"`kdistill run --resume {run_dir}`, or replace it with --force."
         )
-    if run_dir.exists() and any(run_dir.iterdir()):
+    _refuse_foreign_folder(run_dir)
+    return "new"
+
+
+def _damaged_stages(run_dir: Path) -> list[str]:
+    """The finished stages whose ``checkpoint.pt`` no longer matches the SHA-256 in their
+    ``done.json`` (or is gone)."""
+    damaged = []
+    for done_path in sorted((run_dir / "stages").glob("*/done.json")):
+        try:
+            verify_stage_checkpoint(done_path.parent / "checkpoint.pt", json.loads(done_path.read_text()), done_path)
+        except (CheckpointError, ValueError, OSError):
+            damaged.append(done_path.parent.name)
+    return damaged
+
+
+#: The run directory's lock file (see :func:`_lock_run_dir`).
+LOCK_FILE = ".lock"
+
+
+def _refuse_foreign_folder(run_dir: Path) -> None:
+    """Raise if ``run_dir`` is a non-empty folder that is not a run directory (its lock
+    file alone does not count)."""
+    if (run_dir / "run.json").is_file() or not run_dir.is_dir():
+        return
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise RunDirectoryError(
             f"{run_dir} is not empty and is not a kdistill run directory (no run.json); "
             "choose an empty or new output directory"
         )
-    return "new"
+
+
+def _lock_run_dir(stack: contextlib.ExitStack, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Take the exclusive lock ``RUN_DIR/.lock`` for the rest of ``stack``.
+
+    Raises:
+        RunDirectoryError: another live process holds it (the message names it), or
+            ``run_dir`` is a folder that is not a run directory (nothing is created in it).
+    """
+    _refuse_foreign_folder(run_dir)  # before the lock file is written into someone's folder
+
+    def stale(holder: dict) -> None:
+        log(f"{run_dir}: taking over the lock left by {describe_holder(holder)}, which ended without "
+            "releasing it (killed or crashed)")
+
+    try:
+        stack.enter_context(exclusive_lock(run_dir / LOCK_FILE, on_stale=stale))
+    except LockHeld as e:
+        raise RunDirectoryError(
+            f"{run_dir} is in use by another kdistill run: {describe_holder(e.holder)} holds its lock "
+            f"{e.path}. Two runs writing one directory would mix their checkpoints and results, so this one "
+            "stopped without writing anything. Wait for that run to end (or stop it), then run again, "
+            "or give this run another output directory (--out or output_dir)."
+        ) from None
+
+
+#: Name patterns of the temporary files of atomic writes (``.NAME.XXXX.tmp``) and of stage
+#: copies (``.NAME.XXXX.copy``), left behind when a process is killed mid-write.
+_TEMP_PATTERNS = (".*.tmp", ".*.copy")
+
+
+def remove_stale_temp_files(run_dir: Path, log: Callable[[str], None]) -> list[Path]:
+    """Delete the leftover temporary files of interrupted writes in a run directory (its
+    top level, ``stages/`` and ``figures/``; teacher caches keep their own resumable
+    temporaries). Call it only with the run directory's lock held: then no other writer of
+    these files is alive, so every one of them is stale. Returns the removed paths."""
+    places = [run_dir, run_dir / "figures", *sorted(p for p in (run_dir / "stages").glob("*") if p.is_dir())]
+    removed, size = [], 0
+    for place in places:
+        for pattern in _TEMP_PATTERNS:
+            for f in sorted(place.glob(pattern)):
+                if not f.is_file() or f.is_symlink():
+                    continue
+                try:
+                    n = f.stat().st_size
+                    f.unlink()
+                except FileNotFoundError:
+                    continue
+                removed.append(f)
+                size += n
+    if removed:
+        shown = ", ".join(str(f.relative_to(run_dir)) for f in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        log(f"removed {len(removed)} leftover temporary file(s) ({size / 2**20:.1f} MiB) of writes interrupted "
+            f"earlier: {shown}")
+    return removed
 
 
 def _tee(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
@@ -390,7 +540,8 @@ def normalize_channels(data: DatasetSplits) -> DatasetSplits:
     mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x.std(axis=axes, keepdims=True, dtype=np.float64) + 1e-8
     norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
-    return DatasetSplits(data.name, norm(data.x_train), data.y_train, norm(data.x_test), data.y_test, data.classes)
+    return DatasetSplits(data.name, norm(data.x_train), data.y_train, norm(data.x_test), data.y_test, data.classes,
+                         source=data.source)
 
 
 def student_rows(config: ExperimentConfig, data: DatasetSplits) -> tuple[np.ndarray, np.ndarray | None]:
@@ -527,13 +678,36 @@ def run_experiment(
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
         log: where progress messages go.
 
+    The run holds an exclusive lock on ``RUN_DIR/.lock`` from start to end (rank 0 of a
+    multi-process run holds it for all).
+
     Raises:
-        RunDirectoryError: ``run_dir`` holds a different run and ``force`` is not set.
+        RunDirectoryError: ``run_dir`` holds a different run and ``force`` is not set, or
+            another process is running in it.
     """
-    # 1. set up: run directory, threads, device, data (rank 0 alone writes, in a multi-process run)
     distributed.init()
+    # every process must run the same experiment (a rank with another config would hang or diverge)
+    distributed.check_agreement("the experiment", {"config": config_dict(config)})
     main = distributed.is_main()
     run_dir = Path(run_dir) if run_dir is not None else config.run_dir()
+    early: list[str] = []  # messages from before run.log is open; they go into it once it is
+
+    def log_early(message: str) -> None:
+        log(message)
+        early.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    with contextlib.ExitStack() as lock:
+        distributed.run_together("locking the run directory",
+                                 lambda: _lock_run_dir(lock, run_dir, log_early) if main else None)
+        return _run_locked(config, run_dir, force=force, verbose=verbose, log=log, log_early=log_early, early=early)
+
+
+def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose: int,
+                log: Callable[[str], None], log_early: Callable[[str], None], early: list[str]) -> dict:
+    """:func:`run_experiment` once the run directory is locked."""
+    # 1. set up: run directory, threads, device, data (rank 0 alone writes, in a multi-process run)
+    main = distributed.is_main()
+    log, plain_log = log_early, log  # until run.log is open, messages are also kept for it
     state = distributed.run_together(
         "preparing the run directory", lambda: _prepare_run_dir(config, run_dir, force=force, log=log) if main else None)
     state = distributed.broadcast_object(state)
@@ -544,7 +718,11 @@ def run_experiment(
     started = time.time()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = _tee(log, run_dir / "run.log")
+        with open(run_dir / "run.log", "a", encoding="utf-8") as f:
+            f.writelines(early)
+        log = _tee(plain_log, run_dir / "run.log")
+        if state == "continue":
+            remove_stale_temp_files(run_dir, log)  # we hold the lock: no other writer is alive
         atomic_write_text(run_dir / "config.yaml", dump_config(config))
         _write_run_json(run_dir, config, "running", started)
         if distributed.is_distributed():
@@ -559,12 +737,14 @@ def run_experiment(
     if config.teacher_store is not None:
         store = default_store() if config.teacher_store == "auto" else Path(config.teacher_store).expanduser()
     ctx = _Context(config, run_dir, store, device, data, data_fingerprint(data), verbose, log)
+    distributed.check_agreement("the data", {"data_fingerprint": ctx.data_fp})
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     d = config.data
     x_lab, y_lab, x_unl = student_data(config, data)
     augment = build_augment(config)
-    log(f"data: {data.name}, {len(x_lab)} labelled training samples"
+    log(f"data: {data.name}" + (f" from {data.source}" if getattr(data, "source", None) else "")
+        + f", {len(x_lab)} labelled training samples"
         + (f" + {len(x_unl)} unlabelled" if x_unl is not None else "") + f", {len(x_test)} test samples; device {device}")
     common = dict(validation_data=(x_test, y_test), verbose=verbose, seed=config.seed, augment=augment)
     aug_id = [s.dump() for s in d.augment]
@@ -794,8 +974,13 @@ def read_run_config(run_dir: str | Path) -> ExperimentConfig:
 def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSplits | None = None) -> nn.Module:
     """Rebuild a stage's model from a run directory and load its final weights (CPU, eval).
 
+    The checkpoint is checked against the SHA-256 recorded in the stage's ``done.json``
+    (run directories written before kdistill recorded it are loaded unchecked).
+
     Raises:
         RunDirectoryError: no such run or the stage did not finish.
+        CheckpointError: the stage's checkpoint is missing, corrupt, or its bytes differ from
+            those written (the message names the file and both hashes).
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -814,5 +999,15 @@ def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSp
     if stage == "teacher" and config.teacher.checkpoint and not ckpt.is_file():
         load_weights(config.teacher.checkpoint, model)  # used as it was given (stages.teacher.epochs: 0)
     else:
+        done_path = ckpt.parent / "done.json"
+        if done_path.is_file():
+            try:
+                done = json.loads(done_path.read_text())
+            except ValueError as e:
+                raise RunDirectoryError(f"{done_path} is not valid JSON ({e}); finish the stage again with "
+                                        f"`kdistill run --resume {run_dir}`") from e
+            verify_stage_checkpoint(ckpt, done, done_path, fix=(
+                f"Train the stage again with `kdistill run --resume {run_dir}` (it trains only the stages whose "
+                "checkpoints are damaged), or restore an intact copy of the file."))
         load_checkpoint(ckpt, model)
     return model.cpu().eval()
