@@ -71,7 +71,7 @@ from .data import load_dataset, split_labelled
 from .data.augment import Compose
 from .data.datasets import DatasetSplits
 from .distiller import Distiller, Trainer
-from .errors import ConfigError, RunDirectoryError
+from .errors import ConfigError, KDistillError, RunDirectoryError
 from .locks import LockHeld, describe_holder, exclusive_lock
 from .losses.base import DistillationLoss, WeightedSum
 from .runtime import get_device, machine_description, seed_everything, set_threads
@@ -203,6 +203,21 @@ class _Context:
     log: Callable[[str], None]
 
 
+def read_json(path: Path) -> Any:
+    """A bookkeeping file of a run directory (run.json, done.json, stage.json, metrics.json).
+
+    Raises:
+        RunDirectoryError: the file is unreadable or not valid JSON (naming it).
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunDirectoryError(
+            f"{path} is damaged and cannot be read ({type(e).__name__}: {str(e)[:200]}): it was cut short or "
+            "edited. kdistill writes it atomically, so a kill does not do this; restore it, or delete it "
+            "(that stage, or the whole run with --force, is then trained again)") from e
+
+
 def _copy_stage(src: Path, dst: Path) -> None:
     """Copy a finished stage's files, ``done.json`` last (it marks the copy complete)."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -328,7 +343,11 @@ def _plan_stage(ctx: _Context, name: str, fp: str, model: nn.Module, *, share: b
     done_path = sdir / "done.json"
     # 1. finished here already
     if done_path.is_file():
-        done = json.loads(done_path.read_text())
+        try:
+            done = read_json(done_path)
+        except RunDirectoryError as e:
+            ctx.log(f"[{name}] cannot reuse the finished stage ({e}); training again")
+            done = {}
         if done.get("fingerprint") == fp:
             try:
                 _load_finished_stage(sdir, model)
@@ -362,7 +381,11 @@ def _plan_stage(ctx: _Context, name: str, fp: str, model: nn.Module, *, share: b
     stage_json = sdir / "stage.json"
     resume_from = None
     if last.is_file():
-        same = stage_json.is_file() and json.loads(stage_json.read_text()).get("fingerprint") == fp
+        try:
+            same = stage_json.is_file() and read_json(stage_json).get("fingerprint") == fp
+        except RunDirectoryError as e:
+            ctx.log(f"[{name}] cannot tell what {last.name} belongs to ({e}); training from the start")
+            same = False
         if same:
             try:
                 state = read_training_state(last)
@@ -388,8 +411,16 @@ def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, *, force: bool, lo
     cfp = config_fingerprint(config)
     run_json = run_dir / "run.json"
     if run_json.is_file():
-        info = json.loads(run_json.read_text())
+        try:
+            info = read_json(run_json)
+        except RunDirectoryError as e:
+            if not force:
+                raise RunDirectoryError(f"{e}. Or replace the whole run directory with --force.") from None
+            info = {}
         same = info.get("config_fingerprint") == cfp
+        if info.get("status") == "failed before training" and not same and not force:
+            force = True  # nothing of it trained: the corrected config simply starts here
+            log(f"{run_dir} holds a run that stopped before training (its config was refused); starting over")
         if force:
             log(f"--force: discarding the earlier run in {run_dir}")
             for item in ("stages", "figures"):
@@ -661,6 +692,58 @@ def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp
     return cached
 
 
+def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.device) -> None:
+    """Check, before anything trains, what would otherwise fail minutes into a run: labels
+    outside the class range, teacher and student (and assistant) scoring different classes,
+    a loss's settings, a layer a loss taps that does not exist. Each distillation stage's
+    set-up runs once on two training samples with freshly built models (nothing is kept,
+    the random streams are restored).
+
+    Raises:
+        ConfigError: naming the stage or the data, what is wrong and how to fix it.
+    """
+    from .outputs import Batch
+    from .runtime import rng_state, set_rng_state
+
+    n = data.num_classes
+    for split, y in (("training", data.y_train), ("test", data.y_test)):
+        y = np.asarray(y)
+        if y.size and (y.min() < 0 or y.max() >= n):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise ConfigError(f"{data.name}: a {split} label is {bad}, outside the {n} classes 0..{n - 1} the data "
+                              "declares; give labels as class indices 0..C-1 (or fix the reader's class list)")
+    saved = rng_state()
+    name = "teacher"
+    try:
+        x = torch.from_numpy(data.x_train[:2])
+        batch = Batch(x, torch.from_numpy(data.y_train[:2]), torch.arange(2))
+        teacher = build_model(config.teacher, data)
+        pairs = [("distil", teacher, config.student, config.stages.distil)]
+        if config.stages.assistant is not None:
+            assistant = build_model(config.stages.assistant.model, data)
+            pairs = [("assistant", teacher, config.stages.assistant.model, config.stages.assistant),
+                     ("distil", assistant, config.student, config.stages.distil)]
+        for name, source, spec, stage in pairs:
+            student = build_model(spec, data)
+            with torch.no_grad():
+                classes = student.eval()(x).shape[-1]
+            if classes != n:
+                raise ValueError(f"the {'assistant' if name == 'assistant' else 'student'} predicts {classes} classes, "
+                                 f"the data has {n}; build it with num_classes={n}")
+            loss = build_losses(stage)
+            dist = Distiller(student=student, teacher=source, device=device)
+            dist.compile(torch.optim.SGD(student.parameters(), lr=0.0), distillation_loss_fn=loss,
+                         alpha=stage.alpha, temperature=stage.temperature,
+                         student_loss_weight=stage.student_loss_weight)
+            dist.setup(batch)  # taps, adapters, class counts of the pair (models discarded after)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        raise ConfigError(f"stages.{name}: {e} (found before any training, on two samples of {data.name})") from None
+    finally:
+        set_rng_state(saved)
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -714,7 +797,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     if state == "finished":
         log(f"{run_dir} already holds this finished run; nothing to do (report: {run_dir / 'report.md'}; "
             "--force trains it again)")
-        return json.loads((run_dir / "metrics.json").read_text())
+        return read_json(run_dir / "metrics.json")
     started = time.time()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -746,6 +829,12 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     log(f"data: {data.name}" + (f" from {data.source}" if getattr(data, "source", None) else "")
         + f", {len(x_lab)} labelled training samples"
         + (f" + {len(x_unl)} unlabelled" if x_unl is not None else "") + f", {len(x_test)} test samples; device {device}")
+    try:
+        distributed.run_together("checking the experiment", lambda: preflight(config, data, device))
+    except KDistillError:
+        if main:  # nothing trained; the same command continues once the config is fixed
+            _write_run_json(run_dir, config, "failed before training", started)
+        raise
     common = dict(validation_data=(x_test, y_test), verbose=verbose, seed=config.seed, augment=augment)
     aug_id = [s.dump() for s in d.augment]
     stages = config.stages
