@@ -95,3 +95,28 @@ def test_after_a_refused_config_the_corrected_one_runs_in_the_same_directory(tmp
         _run(bad)
     m = _run(tiny_config(out))  # no --force needed: nothing had trained
     assert json.loads((out / "run.json").read_text())["status"] == "finished" and m["models"]["distil"]
+
+
+def test_a_diverged_run_finishes_with_a_warning_in_the_log_and_the_report(tmp_path):
+    out = tmp_path / "r"
+    raw = tiny_config(out)
+    raw["stages"]["scratch"]["optimizer"] = {"name": "adam", "lr": 1.0e6}
+    logs: list[str] = []
+    m = run_experiment(validate_config(raw), verbose=0, log=logs.append)
+    assert any(w.startswith("scratch is at chance accuracy") or "scratch stage's training loss" in w
+               for w in m["warnings"]), m["warnings"]
+    assert not any(w.startswith("teacher") or "teacher stage" in w for w in m["warnings"])
+    assert any(line.startswith("warning: ") for line in logs)
+    assert "**Warning:**" in (out / "report.md").read_text() and "Warning:" in (out / "report.html").read_text()
+
+
+def test_training_warnings_read_the_numbers():
+    from kdistill.experiment import training_warnings
+
+    ok = {"dataset": {"num_classes": 10}, "models": {"distil": {"test_accuracy": 0.9}},
+          "histories": {"distil": {"history": {"loss": [1.0, 0.5]}}}}
+    assert training_warnings(ok) == []
+    bad = {"dataset": {"num_classes": 10}, "models": {"distil": {"test_accuracy": 0.1}},
+           "histories": {"distil": {"history": {"loss": [1.0, 50.0]}}}}
+    w = training_warnings(bad)
+    assert len(w) == 2 and "chance accuracy (10.00% with 10 classes)" in w[0] and "more than 10x" in w[1]

@@ -951,6 +951,9 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
         with stage_clock("measure"):
             metrics = _measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
         metrics["timing"] = {"wall_seconds": time.time() - started, "stages": stage_clock.seconds}
+        metrics["warnings"] = training_warnings(metrics)
+        for warning in metrics["warnings"]:
+            log(f"warning: {warning}")
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
         write_run_report(run_dir, metrics)
         _write_run_json(run_dir, config, "finished", started)
@@ -985,6 +988,27 @@ def headline_numbers(models: dict[str, dict]) -> tuple[float | None, float | Non
     gain = 100 * (acc["distil"] - acc["scratch"])
     gap = acc["teacher"] - acc["scratch"]
     return gain, ((acc["distil"] - acc["scratch"]) / gap if gap > 0 else None)
+
+
+def training_warnings(metrics: dict) -> list[str]:
+    """What in a finished run looks like failed training, one sentence each: a model at
+    chance accuracy, or a stage whose training loss ended far above its first epoch's
+    (a diverged optimisation, e.g. a learning rate orders of magnitude too high).
+    The run still finishes; the log and the report say it."""
+    out = []
+    n = (metrics.get("dataset") or {}).get("num_classes") or 0
+    for name, m in (metrics.get("models") or {}).items():
+        acc = m.get("test_accuracy")
+        if n > 1 and acc is not None and acc <= 1.5 / n:
+            out.append(f"{LABELS.get(name, name)} is at chance accuracy ({100 * acc:.2f}% with {n} classes): its "
+                       f"training failed; check stages.{name}.optimizer (a learning rate far too high diverges) "
+                       "and the data")
+    for name, record in (metrics.get("histories") or {}).items():
+        loss = [v for v in ((record or {}).get("history") or {}).get("loss") or [] if v is not None]
+        if len(loss) >= 2 and loss[-1] > 10 * max(loss[0], 1e-8):
+            out.append(f"the {LABELS.get(name, name)} stage's training loss ended at {loss[-1]:.4g}, more than 10x its "
+                       f"first epoch's ({loss[0]:.4g}): the optimisation diverged; lower stages.{name}.optimizer.lr")
+    return out
 
 
 def _predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:

@@ -385,6 +385,8 @@ def render_html(metrics: Mapping[str, Any], figures: Mapping[str, str | os.PathL
         )
     note = advice(metrics)
     advice_html = f'<p class="advice"><strong>Why no gain here:</strong> {e(note)}</p>\n' if note else ""
+    advice_html = "".join(f'<p class="warning"><strong>Warning:</strong> {e(w)}.</p>\n'
+                          for w in metrics.get("warnings") or []) + advice_html
     figures_html = ("<h2>Figures</h2>\n" + "\n".join(blocks)) if blocks else ""
     machine = _machine(metrics)
     version = metrics.get("kdistill_version")
@@ -476,6 +478,7 @@ def render_markdown(
                 "",
             ]
     lines += [f"- **{_md(value)}** {_md(label)}" for value, label, _ in _headlines(metrics)]
+    lines += [f"\n**Warning:** {_md(w)}." for w in metrics.get("warnings") or []]
     note = advice(metrics)
     if note:
         lines += ["", f"**Why no gain here:** {_md(note)}"]
