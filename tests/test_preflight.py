@@ -120,3 +120,11 @@ def test_training_warnings_read_the_numbers():
            "histories": {"distil": {"history": {"loss": [1.0, 50.0]}}}}
     w = training_warnings(bad)
     assert len(w) == 2 and "chance accuracy (10.00% with 10 classes)" in w[0] and "more than 10x" in w[1]
+
+
+def test_a_reader_with_images_and_labels_of_different_lengths_is_named(tmp_path):
+    raw = tiny_config(tmp_path / "r", data={"reader": {"_component_": "user_components.uneven_splits"}})
+    raw["data"].pop("dataset")
+    with pytest.raises(ConfigError, match=r"data.reader user_components.uneven_splits: uneven: x_train has 10 "
+                                          r"samples but y_train has 9"):
+        _run(raw)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,3 +79,11 @@ def synthetic_rgb(n_train: int = 16, n_test: int = 8, classes: int = 100, size: 
 def seven_class_mlp(in_channels: int = 1, input_size: int = 8) -> nn.Module:
     """A user's model with its class count built in (7), whatever the data has."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size * input_size, 8), nn.ReLU(), nn.Linear(8, 7))
+
+
+def uneven_splits():
+    """A reader whose images and labels differ in length (a user's bug)."""
+    from kdistill.data import DatasetSplits
+
+    x = np.zeros((10, 1, 4, 4), dtype=np.float32)
+    return DatasetSplits("uneven", x, np.zeros(9, dtype=np.int64), x[:4], np.zeros(4, dtype=np.int64), ("a", "b"))

@@ -556,7 +556,10 @@ def load_data(config: ExperimentConfig) -> DatasetSplits:
     """The config's dataset (built-in or from its reader), normalised if asked."""
     d = config.data
     if d.reader is not None:
-        data = d.reader.resolve()(**d.reader.kwargs)
+        try:
+            data = d.reader.resolve()(**d.reader.kwargs)
+        except ValueError as e:  # DatasetSplits refuses images and labels of different lengths, ...
+            raise ConfigError(f"data.reader {d.reader.component}: {e}") from e
         if not isinstance(data, DatasetSplits):
             raise ConfigError(f"data.reader {d.reader.component} returned {type(data).__name__}, not kdistill.data.DatasetSplits")
     else:
