@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
@@ -935,8 +934,9 @@ class Distiller(Trainer):
             student_loss = student_out.logits.new_zeros(())
         else:
             student_loss, _ = self.supervised_loss(student_out.logits, batch)
-        parts = self.distillation_loss.named_terms(student_out, teacher_out, batch) if isinstance(self.distillation_loss, WeightedSum) else {}
-        distillation_loss = sum(parts.values()) if parts else self.distillation_loss(student_out, teacher_out, batch)
+        # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
+        parts = self.distillation_loss.named_terms(student_out, teacher_out, batch)
+        distillation_loss = sum(parts.values())
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
         if len(parts) > 1:
             terms.update({f"distillation/{k}": v for k, v in parts.items()})
@@ -945,7 +945,10 @@ class Distiller(Trainer):
             check_divergence(self.distillation_loss.name, values["distillation_loss"])
         solo = [name for name, part in self._named_parts() if part.exclusive]
         if solo:  # a staged method's first stage (FitNets' hints): its terms alone train
-            loss = sum(parts[n] if parts else distillation_loss for n in solo)
+            if isinstance(self.distillation_loss, WeightedSum):
+                loss = sum(v for k, v in parts.items() if k.split("/", 1)[0] in solo)
+            else:
+                loss = distillation_loss
             if self._ddp is not None:  # DDP waits for a gradient of every parameter: give the idle ones zeros
                 loss = loss + 0.0 * student_out.logits.sum()
         elif self.student_loss_weight is None:

@@ -174,7 +174,17 @@ class WeightedSum(DistillationLoss):
             loss.set_progress(epoch, global_step)
 
     def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
-        return {name: self.weights[name] * loss(student, teacher, batch) for name, loss in self.parts.items()}
+        """Each part's weighted terms: ``{part: w * loss}``, or ``{part/term: w * term}`` for a
+        part with several (DKD's ``tckd``/``nckd``, RKD's ``distance``/``angle``, ...).
+        They sum to the loss."""
+        out = {}
+        for name, loss in self.parts.items():
+            terms = loss.named_terms(student, teacher, batch)
+            if len(terms) == 1:
+                out[name] = self.weights[name] * next(iter(terms.values()))
+            else:
+                out.update({f"{name}/{key.split('/', 1)[-1]}": self.weights[name] * v for key, v in terms.items()})
+        return out
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
         return sum(self.named_terms(student, teacher, batch).values())
