@@ -535,7 +535,10 @@ def test_user_loss_that_may_be_negative_is_not_checked():
 
 def test_kdloss_module_as_distillation_loss_uses_its_own_temperature():
     teacher, student = make_teacher(), make_student()
-    d = distiller(student, teacher, distillation_loss_fn=KDLoss(2.0), temperature=9.0)
+    with pytest.raises(ValueError, match="conflicts with"):  # a different value is refused, not ignored
+        distiller(student, teacher, distillation_loss_fn=KDLoss(2.0), temperature=9.0)
+    d = distiller(student, teacher, distillation_loss_fn=KDLoss(2.0))
+    assert d.temperature == 2.0
     x, y = make_data(16)
     with torch.no_grad():
         s_logits = student(x)

@@ -207,7 +207,7 @@ class Trainer:
         self.augment: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.metrics: dict[str, Metric] = {}
-        self.temperature = 1.0
+        self.train_temperature = 1.0  # of the supervised softmax (compile(temperature=...))
         self.stop_training = False
         self.history: History | None = None
         self.epoch = 0
@@ -257,7 +257,7 @@ class Trainer:
         Returns:
             ``self``, so calls can be chained.
         """
-        self.temperature = check_temperature(temperature)
+        self.train_temperature = check_temperature(temperature)
         self.loss_fn = nn.CrossEntropyLoss() if loss is None else loss
         if not callable(self.loss_fn):
             raise TypeError(f"loss must be callable (logits, targets) -> tensor, got {type(loss).__name__}")
@@ -335,7 +335,7 @@ class Trainer:
             n = int(both.sum())
             if n == 0:
                 return logits.new_zeros(()), 0
-            z = logits[both] / self.temperature
+            z = logits[both] / self.train_temperature
             lam = batch.mix.lam
             return lam * self.loss_fn(z, batch.targets[both]) + (1 - lam) * self.loss_fn(z, batch.mix.targets[both]), n
         mask = batch.labelled
@@ -347,7 +347,7 @@ class Trainer:
                 return logits.new_zeros(()), 0
             logits, targets = logits[mask], batch.targets[mask]
         try:
-            return self.loss_fn(logits / self.temperature, targets), n
+            return self.loss_fn(logits / self.train_temperature, targets), n
         except IndexError as e:  # a label outside [0, C)
             raise ValueError(
                 f"labels must be class indices in [0, {logits.shape[-1]}) for a model with "
@@ -639,7 +639,7 @@ class Trainer:
                 "start": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step},
             },
             "compile": {
-                "temperature": self.temperature,
+                "train_temperature": self.train_temperature,
                 "loss": _describe(self.loss_fn),
                 "metrics": list(self.metrics),
                 "optimizer": {
@@ -816,6 +816,15 @@ class Distiller(Trainer):
     def student(self) -> nn.Module:
         return self.model
 
+    @property
+    def temperature(self) -> float | None:
+        """The distillation temperature: the distillation loss's own (``None`` before
+        :meth:`compile`, or for a loss without one, e.g. a feature loss or a
+        :class:`~kdistill.losses.WeightedSum`)."""
+        loss = getattr(self, "distillation_loss", None)
+        t = getattr(loss, "temperature", None)
+        return None if t is None else float(t)
+
     def compile(
         self,
         optimizer: OptimizerSpec = "adam",
@@ -823,7 +832,7 @@ class Distiller(Trainer):
         student_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         distillation_loss_fn: DistillationLoss | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None = None,
         alpha: float = 0.1,
-        temperature: float = 3.0,
+        temperature: float | None = None,
         *,
         temperature_squared: bool = True,
         learning_rate: float | None = None,
@@ -854,7 +863,12 @@ class Distiller(Trainer):
                 stops training with an error naming the loss.
             alpha: weight of the student's hard-label loss, in ``[0, 1]``; ``1 - alpha``
                 weights the distillation loss.
-            temperature: softening temperature ``T > 0`` for the distributions.
+            temperature: softening temperature ``T > 0`` of the built-in or Keras-style
+                loss (default 3, the Keras example's). The distillation loss owns its
+                temperature: with a :class:`~kdistill.losses.DistillationLoss` object, leave
+                this out (the loss keeps its own) or give the same value; a different one
+                is refused rather than silently ignored. Read it back as
+                :attr:`temperature`.
             temperature_squared: multiply the distillation term by ``T**2`` (default,
                 Hinton et al.: keeps the gradient scale independent of ``T``); ``False``
                 reproduces the unscaled form.
@@ -876,7 +890,14 @@ class Distiller(Trainer):
                 f"alpha must be in [0, 1], got {alpha}: it weights the hard-label loss and "
                 "1 - alpha the distillation loss (the Keras example uses 0.1)"
             )
-        check_temperature(temperature)
+        if temperature is not None:
+            check_temperature(temperature)
+        own = getattr(distillation_loss_fn, "temperature", None) if isinstance(distillation_loss_fn, DistillationLoss) else None
+        if temperature is not None and own is not None and float(own) != float(temperature):
+            raise ValueError(
+                f"compile(temperature={temperature:g}) conflicts with the temperature of the loss given, "
+                f"{type(distillation_loss_fn).__name__}(temperature={float(own):g}): the loss owns its temperature. "
+                f"Leave temperature= out, or build the loss with temperature={temperature:g}")
         super().compile(optimizer, loss=student_loss_fn, metrics=metrics, learning_rate=learning_rate,
                         scheduler=scheduler, scheduler_interval=scheduler_interval)
         teacher_params = {id(p) for p in self.teacher.parameters()}
@@ -895,7 +916,7 @@ class Distiller(Trainer):
         else:
             self.distillation_loss = SoftTargetLoss(
                 "kl" if distillation_loss_fn is None else distillation_loss_fn,
-                temperature,
+                3.0 if temperature is None else temperature,
                 temperature_squared=temperature_squared,
             )
         self.distillation_loss.to(self.device)

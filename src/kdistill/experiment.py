@@ -736,8 +736,7 @@ def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.devic
             loss = build_losses(stage)
             dist = Distiller(student=student, teacher=source, device=device)
             dist.compile(torch.optim.SGD(student.parameters(), lr=0.0), distillation_loss_fn=loss,
-                         alpha=stage.alpha, temperature=stage.temperature,
-                         student_loss_weight=stage.student_loss_weight)
+                         alpha=stage.alpha, student_loss_weight=stage.student_loss_weight)
             dist.setup(batch)  # taps, adapters, class counts of the pair (models discarded after)
     except ConfigError:
         raise
@@ -921,7 +920,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
             dist = Distiller(student=student, teacher=source, device=device)
             params = list(student.parameters()) + [p for p in loss.parameters() if p.requires_grad]
             dist.compile(build_optimizer(stage.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
-                         alpha=stage.alpha, temperature=stage.temperature, scheduler=sched, scheduler_interval=interval,
+                         alpha=stage.alpha, scheduler=sched, scheduler_interval=interval,  # the losses own T
                          student_loss_weight=stage.student_loss_weight)
             if stage.teacher_cache is not None:
                 _open_teacher_cache(ctx, dist, source, source_fp, stage, name)

@@ -57,7 +57,7 @@ def distil(out: Path, teacher, student, x, y, loss, epochs: int = 2) -> dict:
     d = Recording(student=student, teacher=teacher, device="cpu")
     d.seen, d.wrappers = [], set()
     d.compile(torch.optim.Adam(student.parameters(), lr=0.01), metrics=["accuracy"], alpha=0.3,
-              temperature=4, distillation_loss_fn=loss)
+              distillation_loss_fn=loss)  # the loss owns its temperature
     history = d.fit(x, y, epochs=epochs, batch_size=BATCH, seed=0, verbose=0, validation_data=(x[:50], y[:50]))
     weights = {k: v.clone() for k, v in student.state_dict().items()}
     weights.update({f"loss.{k}": v.clone() for k, v in d.distillation_loss.state_dict().items()})
