@@ -957,7 +957,7 @@ class Distiller(Trainer):
             student_loss, _ = self.supervised_loss(student_out.logits, batch)
         # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
         parts = self.distillation_loss.named_terms(student_out, teacher_out, batch)
-        distillation_loss = sum(parts.values())
+        distillation_loss = next(iter(parts.values())) if len(parts) == 1 else sum(parts.values())
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
         if len(parts) > 1:
             terms.update({f"distillation/{k}": v for k, v in parts.items()})
