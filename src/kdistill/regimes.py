@@ -54,16 +54,16 @@ def regime_configs(config: ExperimentConfig, labels: int | None, *, compare_all_
     Raises:
         ConfigError: ``labels`` is not a positive number.
     """
-    raw = config_dict(config)
+    def with_labels(subset: int | None, source: str) -> ExperimentConfig:
+        raw = config_dict(config)  # a fresh copy each time
+        raw["data"].update(subset=subset, unlabelled=subset is not None)
+        return validate_config(raw, source=source)
+
     out: dict[str, ExperimentConfig] = {}
     if labels is not None:
-        few = json.loads(json.dumps(raw))
-        few["data"].update(subset=labels, unlabelled=True)
-        out["few_labels"] = validate_config(few, source="few-label regime")
+        out["few_labels"] = with_labels(labels, "few-label regime")
     if labels is None or compare_all_labels:
-        every = json.loads(json.dumps(raw))
-        every["data"].update(subset=None, unlabelled=False)
-        out["all_labels"] = validate_config(every, source="all-label regime")
+        out["all_labels"] = with_labels(None, "all-label regime")
     return out
 
 
