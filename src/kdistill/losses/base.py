@@ -10,6 +10,49 @@ from torch import nn
 from ..outputs import Batch, Outputs
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a loss computes ``x`` in.
+
+    Half precision (and integer tensors) are upcast to float32; float32 and float64 keep
+    their own dtype.
+
+    Args:
+        x: a logits or feature tensor.
+
+    Returns:
+        ``torch.float32`` or ``x``'s own floating-point dtype, whichever is wider.
+    """
+    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+
+
+def check_weight(name: str, value: float, meaning: str = "it scales the loss; 0 turns it off") -> float:
+    """Check a weight (or another factor that must be a finite number ``>= 0``).
+
+    Args:
+        name: the argument's name, for the message (``"weight"``, ``"alpha"``, ``"eps"``).
+        value: the value given.
+        meaning: what the value does, ending the message (``"it weights DKD's TCKD term"``).
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: ``value`` is not a number (a string, ``None``, ...).
+        ValueError: ``value`` is negative, infinite or NaN.
+    """
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}; give e.g. {name}=1.0"
+        ) from None
+    if not 0.0 <= v < float("inf"):  # NaN fails both comparisons
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}: {meaning}")
+    return v
+
+
 def check_same_batch(method: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
     """Raise a ``ValueError`` unless the two features hold the same number of samples.
 

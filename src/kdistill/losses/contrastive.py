@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..outputs import Batch, Outputs
-from .base import DistillationLoss
-from .relations import check_weight
+from .base import DistillationLoss, check_weight
 
 
 # --------------------------------------------------------------------------- pure functions

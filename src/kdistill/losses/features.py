@@ -42,14 +42,9 @@ from torch import nn
 
 from ..adapters import make_adapter
 from ..outputs import Batch, Outputs
-from .base import DistillationLoss, check_same_batch
+from .base import DistillationLoss, check_same_batch, check_weight, compute_dtype
 
 # --------------------------------------------------------------------------- checks
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half precision (and integers), else the tensor's own dtype (float64 stays)."""
-    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
 def _check_number(name: str, value: float, *, low: float = 0.0, inclusive: bool = False, hint: str = "") -> float:
@@ -72,13 +67,9 @@ def _check_int(name: str, value: int, *, low: int, hint: str) -> int:
     return value
 
 
-def _check_weight(weight: float) -> float:
-    return _check_number("weight", weight, inclusive=True, hint="it scales the loss; 0 turns it off")
-
-
 def _float(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the dtype losses are computed in (half precision is upcast to float32)."""
-    return x.to(_compute_dtype(x))
+    return x.to(compute_dtype(x))
 
 
 def _check_maps(method: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -124,7 +115,7 @@ def _not_set_up(name: str, part: str) -> RuntimeError:
 
 def _param_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of parts built for feature ``x``: float64 for float64, else float32."""
-    return _compute_dtype(x)
+    return compute_dtype(x)
 
 
 # --------------------------------------------------------------------------- FitNets
@@ -156,7 +147,7 @@ def hint_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> t
             f"and the teacher's {tuple(teacher_feature.shape)}: map the student feature first, e.g. with "
             "kdistill.adapters.make_adapter(student.shape, teacher.shape) (HintLoss does this in setup)"
         )
-    dtype = torch.promote_types(_compute_dtype(student_feature), _compute_dtype(teacher_feature))
+    dtype = torch.promote_types(compute_dtype(student_feature), compute_dtype(teacher_feature))
     return F.mse_loss(student_feature.to(dtype), teacher_feature.to(dtype))
 
 
@@ -198,7 +189,7 @@ class HintLoss(DistillationLoss):
     def __init__(self, student_layer: str, teacher_layer: str, *, weight: float = 100.0, hint_epochs: int = 0):
         super().__init__()
         self.taps = {"student": student_layer, "teacher": teacher_layer}
-        self.weight = _check_weight(weight)
+        self.weight = check_weight("weight", weight)
         self.hint_epochs = _check_int(
             "hint_epochs", hint_epochs, low=0,
             hint="the number of epochs the student trains on the hint alone (0 trains it jointly from the start)",
@@ -315,7 +306,7 @@ class ATLoss(DistillationLoss):
         super().__init__()
         self.taps = {"student": student_layer, "teacher": teacher_layer}
         self.p = _check_number("p", p, hint="the attention map's exponent (Zagoruyko & Komodakis use 2)")
-        self.weight = _check_weight(weight)
+        self.weight = check_weight("weight", weight)
 
     def setup(self, student: Outputs, teacher: Outputs) -> None:
         """Nothing to build; checks that both taps hold (B, C, H, W) maps of one batch.
@@ -409,7 +400,7 @@ class NSTLoss(DistillationLoss):
         self.taps = {"student": student_layer, "teacher": teacher_layer}
         self.degree = _check_int("degree", degree, low=1, hint="the polynomial kernel's degree (Huang & Wang use 2)")
         self.c = _check_number("c", c, inclusive=True, hint="the polynomial kernel's offset (Huang & Wang use 0)")
-        self.weight = _check_weight(weight)
+        self.weight = check_weight("weight", weight)
 
     def setup(self, student: Outputs, teacher: Outputs) -> None:
         """Nothing to build; checks that both taps hold (B, C, H, W) maps of one batch.
@@ -490,7 +481,7 @@ def vid_loss(pred_mean: torch.Tensor, teacher_feature: torch.Tensor, variance: t
 
 def _vid_nll(pred_mean: torch.Tensor, teacher_feature: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """:func:`vid_loss` without its checks."""
-    dtype = torch.promote_types(_compute_dtype(pred_mean), _compute_dtype(variance))
+    dtype = torch.promote_types(compute_dtype(pred_mean), compute_dtype(variance))
     mu, t, var = pred_mean.to(dtype), teacher_feature.to(dtype), variance.to(dtype)
     # (C,) -> (1, C, 1, ...): one variance per channel, broadcast over batch and positions
     var = var.view(1, -1, *([1] * (mu.dim() - 2)))
@@ -535,7 +526,7 @@ class VIDLoss(DistillationLoss):
     ):
         super().__init__()
         self.taps = {"student": student_layer, "teacher": teacher_layer}
-        self.weight = _check_weight(weight)
+        self.weight = check_weight("weight", weight)
         self.eps = _check_number("eps", eps, hint="the variance's floor (the authors use 1e-5)")
         self.init_pred_var = _check_number(
             "init_pred_var", init_pred_var, low=self.eps,
@@ -741,7 +732,7 @@ class FTLoss(DistillationLoss):
             "rate", rate, hint="the paraphrase rate k: the factors have int(k * C) channels (Kim et al. use 0.5)"
         )
         self.p = _check_number("p", p, hint="the norm's order (Kim et al. use 1)")
-        self.weight = _check_weight(weight)
+        self.weight = check_weight("weight", weight)
         self.paraphraser: Paraphraser | None = None
         self.translator: nn.Module | None = None
         self._shapes: tuple | None = None

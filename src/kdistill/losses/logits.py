@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidDivergenceError
 from ..outputs import UNLABELLED, Batch, Outputs
-from .base import DistillationLoss
+from .base import DistillationLoss, check_weight, compute_dtype
 
 #: Smallest probability used when a divergence is computed from probabilities (Keras's
 #: ``epsilon``): keeps ``log`` finite where a distribution has exact zeros.
@@ -47,11 +47,6 @@ def check_same_classes(student_logits: torch.Tensor, teacher_logits: torch.Tenso
             f"student and teacher outputs do not match: {what}. Both must score the same "
             "classes in the same order: build the student with the teacher's num_classes."
         )
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision (and integer) logits, else their own dtype (float64 stays)."""
-    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,8 +106,8 @@ def kd_loss(
     t = check_temperature(temperature)
     check_same_classes(student_logits, teacher_logits)
     # half precision is upcast to float32; float32 and float64 keep their precision
-    log_p_s = F.log_softmax(student_logits.to(_compute_dtype(student_logits)) / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.to(_compute_dtype(teacher_logits)) / t, dim=-1)
+    log_p_s = F.log_softmax(student_logits.to(compute_dtype(student_logits)) / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(compute_dtype(teacher_logits)) / t, dim=-1)
     # (B, C) -> (B,): KL per sample; exp(log_p_t) is the teacher's soft target
     per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     loss = masked_mean(per_sample, mask)
@@ -242,8 +237,8 @@ class SoftTargetLoss(DistillationLoss):
             return kd_loss(student.logits, teacher.logits, t, temperature_squared=self.temperature_squared)
         check_same_classes(student.logits, teacher.logits)
         # 1. soften both sides with the same temperature
-        log_p_s = F.log_softmax(student.logits.to(_compute_dtype(student.logits)) / t, dim=-1)
-        log_p_t = F.log_softmax(teacher.logits.to(_compute_dtype(teacher.logits)) / t, dim=-1)
+        log_p_s = F.log_softmax(student.logits.to(compute_dtype(student.logits)) / t, dim=-1)
+        log_p_t = F.log_softmax(teacher.logits.to(compute_dtype(teacher.logits)) / t, dim=-1)
         # 2. the user's loss on (student, teacher) distributions
         if isinstance(self.fn, nn.KLDivLoss):
             value = self.fn(log_p_s, log_p_t if self.fn.log_target else log_p_t.exp())
@@ -301,33 +296,10 @@ PEARSON_EPS = 1e-8
 STD_EPS = 1e-7
 
 
-def check_nonnegative(name: str, value: float, meaning: str) -> float:
-    """Return ``value`` as a float, or raise if it is not a finite number ``>= 0``.
-
-    Args:
-        name: the argument's name, for the message.
-        value: the value given.
-        meaning: what the value weights, for the message (``"the TCKD term"``).
-
-    Raises:
-        TypeError: if ``value`` is not a number.
-        ValueError: if it is negative, infinite or NaN.
-    """
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        w = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not 0.0 <= w < float("inf"):  # NaN fails both comparisons
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}: it weights {meaning}")
-    return w
-
-
 def _logit_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both sides in one compute dtype (half precision upcast), the teacher's detached."""
     check_same_classes(student_logits, teacher_logits)
-    dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
+    dtype = torch.promote_types(compute_dtype(student_logits), compute_dtype(teacher_logits))
     return student_logits.to(dtype), teacher_logits.detach().to(dtype)
 
 
@@ -467,8 +439,8 @@ def dkd_loss(
             than ``-1``, a negative weight, ``T <= 0``, or a mask of the wrong shape.
         TypeError: if ``targets`` is not an integer tensor.
     """
-    a = check_nonnegative("alpha", alpha, "DKD's target-class term (TCKD)")
-    b = check_nonnegative("beta", beta, "DKD's non-target-class term (NCKD)")
+    a = check_weight("alpha", alpha, "it weights DKD's target-class term (TCKD)")
+    b = check_weight("beta", beta, "it weights DKD's non-target-class term (NCKD)")
     tckd, nckd = dkd_terms(student_logits, teacher_logits, targets, temperature)
     return masked_mean(a * tckd + b * nckd, mask)
 
@@ -510,8 +482,8 @@ class DKDLoss(DistillationLoss):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, *, warmup: int = 20):
         super().__init__()
-        self.alpha = check_nonnegative("alpha", alpha, "DKD's target-class term (TCKD)")
-        self.beta = check_nonnegative("beta", beta, "DKD's non-target-class term (NCKD)")
+        self.alpha = check_weight("alpha", alpha, "it weights DKD's target-class term (TCKD)")
+        self.beta = check_weight("beta", beta, "it weights DKD's non-target-class term (NCKD)")
         self.temperature = check_temperature(temperature)
         self.warmup = _check_warmup(warmup)
 
@@ -633,8 +605,8 @@ def dist_loss(
     Raises:
         ValueError: shapes differ, a negative weight, ``tau <= 0``, or a mask of the wrong shape.
     """
-    b = check_nonnegative("beta", beta, "DIST's inter-class relation")
-    g = check_nonnegative("gamma", gamma, "DIST's intra-class relation")
+    b = check_weight("beta", beta, "it weights DIST's inter-class relation")
+    g = check_weight("gamma", gamma, "it weights DIST's intra-class relation")
     inter, intra = dist_terms(student_logits, teacher_logits, temperature, mask=mask)
     return b * inter + g * intra
 
@@ -655,8 +627,8 @@ class DISTLoss(DistillationLoss):
 
     def __init__(self, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0):
         super().__init__()
-        self.beta = check_nonnegative("beta", beta, "DIST's inter-class relation")
-        self.gamma = check_nonnegative("gamma", gamma, "DIST's intra-class relation")
+        self.beta = check_weight("beta", beta, "it weights DIST's inter-class relation")
+        self.gamma = check_weight("gamma", gamma, "it weights DIST's intra-class relation")
         self.temperature = check_temperature(temperature)
 
     def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> dict[str, torch.Tensor]:
@@ -752,7 +724,7 @@ class LogitStandardKDLoss(DistillationLoss):
     def __init__(self, temperature: float = 2.0, weight: float = 9.0, *, temperature_squared: bool = True):
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.weight = check_nonnegative("weight", weight, "the standardised KD loss")
+        self.weight = check_weight("weight", weight, "it weights the standardised KD loss")
         self.temperature_squared = bool(temperature_squared)
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..outputs import Batch, Outputs
-from .base import DistillationLoss, check_same_batch
+from .base import DistillationLoss, check_same_batch, check_weight, compute_dtype
 
 #: Clamp of squared pairwise distances before the square root (RepDistiller's ``pdist``):
 #: keeps the gradient of ``sqrt`` finite for coincident points.
@@ -35,14 +35,10 @@ DISTANCE_EPS = 1e-12
 #: PKT's epsilon (Passalis & Tefas's code, kept by RepDistiller): added to the feature norms
 #: and to both probabilities inside the KL divergence's logarithm.
 PKT_EPS = 1e-7
+_PKT_EPS_MEANING = "it is added to the feature norms and inside PKT's logarithm (default 1e-7, the authors')"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half precision (and integers), else the tensor's own dtype."""
-    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
 def flatten_pair(student: torch.Tensor, teacher: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,22 +65,14 @@ def flatten_pair(student: torch.Tensor, teacher: torch.Tensor, method: str) -> t
     b = student.shape[0]
     # (B, C, H, W) or (B, T, D) -> (B, C*H*W) / (B, T*D)
     return (
-        student.reshape(b, -1).to(_compute_dtype(student)),
-        teacher.reshape(b, -1).to(_compute_dtype(teacher)),
+        student.reshape(b, -1).to(compute_dtype(student)),
+        teacher.reshape(b, -1).to(compute_dtype(teacher)),
     )
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
     """A scalar 0 that keeps ``x`` in the graph (a gradient of zeros, not ``None``)."""
     return x.sum() * 0.0
-
-
-def check_weight(name: str, value: float) -> float:
-    """Return ``value`` as a float, or raise if it is not a finite number ``>= 0``."""
-    v = float(value)
-    if not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -277,8 +265,8 @@ def rkd_loss(
     Raises:
         ValueError: a negative weight, or tensors as :func:`flatten_pair` rejects.
     """
-    wd = check_weight("distance_weight", distance_weight)
-    wa = check_weight("angle_weight", angle_weight)
+    wd = check_weight("distance_weight", distance_weight, "it weights RKD's distance term")
+    wa = check_weight("angle_weight", angle_weight, "it weights RKD's angle term")
     return wd * rkd_distance_loss(student, teacher) + wa * rkd_angle_loss(student, teacher)
 
 
@@ -308,8 +296,8 @@ class RKDLoss(_RelationLoss):
         angle_weight: float = 50.0,
     ):
         super().__init__(student_layer, teacher_layer, weight)
-        self.distance_weight = check_weight("distance_weight", distance_weight)
-        self.angle_weight = check_weight("angle_weight", angle_weight)
+        self.distance_weight = check_weight("distance_weight", distance_weight, "it weights RKD's distance term")
+        self.angle_weight = check_weight("angle_weight", angle_weight, "it weights RKD's angle term")
 
     def named_terms(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> dict[str, torch.Tensor]:
         s, t = self.features(student, teacher)
@@ -367,8 +355,7 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = PKT_EPS)
     Raises:
         ValueError: a negative ``eps``, or tensors as :func:`flatten_pair` rejects.
     """
-    if not (float(eps) >= 0 and math.isfinite(float(eps))):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_weight("eps", eps, _PKT_EPS_MEANING)
     s, t = flatten_pair(student, teacher, "pkt_loss")
     q = cosine_conditional_probabilities(s, eps)
     p = cosine_conditional_probabilities(t, eps)
@@ -391,7 +378,7 @@ class PKTLoss(_RelationLoss):
 
     def __init__(self, student_layer: str, teacher_layer: str, *, weight: float = 30000.0, eps: float = PKT_EPS):
         super().__init__(student_layer, teacher_layer, weight)
-        self.eps = check_weight("eps", eps)
+        self.eps = check_weight("eps", eps, _PKT_EPS_MEANING)
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> torch.Tensor:
         s, t = self.features(student, teacher)
@@ -515,7 +502,7 @@ class CCLoss(_RelationLoss):
                     "build a new loss for other models"
                 )
             return
-        dtype = _compute_dtype(s)
+        dtype = compute_dtype(s)
         self.embed_s = nn.Linear(sizes[0], self.embed_dim, device=s.device, dtype=dtype)
         self.embed_t = nn.Linear(sizes[1], self.embed_dim, device=s.device, dtype=dtype)
 
