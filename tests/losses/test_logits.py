@@ -169,6 +169,37 @@ def test_kd_loss_gradient_unscaled_is_t_times_smaller():
     torch.testing.assert_close(zs.grad, (p_s - p_t) / (t * 4), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("temperature_squared", [True, False])
+def test_kd_loss_detaches_the_teacher_and_keeps_value_and_student_gradient(dtype, temperature_squared):
+    """The teacher's logits are a fixed target, as in every other logits loss: no gradient
+    reaches them, while the value and the student's gradient are those of a teacher that
+    never required one (bit for bit)."""
+    mask = torch.tensor([True, False, True, True, False, True])
+    zs_ref = logits(6, 5, seed=40, dtype=dtype).requires_grad_(True)
+    zs = zs_ref.detach().clone().requires_grad_(True)
+    zt = logits(6, 5, seed=41, dtype=dtype)
+    zt_tracked = zt.clone().requires_grad_(True)
+
+    expected = kd_loss(zs_ref, zt, 3.0, temperature_squared=temperature_squared, mask=mask)
+    expected.backward()
+    value = kd_loss(zs, zt_tracked, 3.0, temperature_squared=temperature_squared, mask=mask)
+    value.backward()
+
+    assert zt_tracked.grad is None
+    assert torch.equal(value.detach(), expected.detach())
+    assert torch.equal(zs.grad, zs_ref.grad)
+    assert zs.grad.abs().sum() > 0
+
+
+def test_kd_loss_module_sends_no_gradient_to_the_teacher():
+    zs = logits(4, 3, seed=42).requires_grad_(True)
+    zt = logits(4, 3, seed=43).requires_grad_(True)
+    KDLoss(2.0)(outs(zs), outs(zt), batch_of(4)).backward()
+    assert zt.grad is None
+    assert zs.grad is not None and zs.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, float("inf"), float("nan")])
 def test_kd_loss_rejects_bad_temperature(bad):
     z = logits(2, 3)

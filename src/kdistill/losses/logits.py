@@ -91,7 +91,7 @@ def kd_loss(
 
     Args:
         student_logits: ``(B, C)`` or ``(B, T, V)`` raw scores of the student.
-        teacher_logits: the teacher's scores, same shape.
+        teacher_logits: the teacher's scores, same shape (detached: no gradient reaches it).
         temperature: softening temperature ``T > 0``.
         temperature_squared: multiply by ``T^2`` (Hinton et al.'s scaling).
         mask: optional boolean mask over the leading axes (``(B,)`` or ``(B, T)``);
@@ -105,9 +105,10 @@ def kd_loss(
     """
     t = check_temperature(temperature)
     check_same_classes(student_logits, teacher_logits)
-    # half precision is upcast to float32; float32 and float64 keep their precision
+    # half precision is upcast to float32; float32 and float64 keep their precision; the
+    # teacher's soft targets are a fixed target, as in every other logits loss
     log_p_s = F.log_softmax(student_logits.to(compute_dtype(student_logits)) / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.to(compute_dtype(teacher_logits)) / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(compute_dtype(teacher_logits)) / t, dim=-1)
     # (B, C) -> (B,): KL per sample; exp(log_p_t) is the teacher's soft target
     per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     loss = masked_mean(per_sample, mask)
