@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from kdistill.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
+from kdistill.atomic import atomic_write_text
+from kdistill.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from kdistill.errors import CheckpointError
 from kdistill.models import build_model
 

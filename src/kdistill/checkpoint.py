@@ -1,8 +1,7 @@
-"""Atomic writes and checkpoints that refuse to load into the wrong model.
+"""Checkpoints that refuse to load into the wrong model.
 
-Every file kdistill writes goes to a temporary file in the same folder first and is then
-renamed over the target (``os.replace`` is atomic on POSIX and Windows): a crash leaves
-either the old file or the new one, never half of one.
+Checkpoints and training states are written atomically (:mod:`kdistill.atomic`): a crash
+leaves either the old file or the new one, never half of one.
 
 A teacher trained elsewhere comes in through :func:`load_weights`: it reads a kdistill
 checkpoint, a plain PyTorch ``state_dict`` file (also nested in a Lightning-style dict, or
@@ -21,17 +20,19 @@ the digest existed have none and are read as they are.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save
+# Re-exported for the modules that still import them from here (callbacks, regimes, the
+# CLI, report, teacher cache); new code imports them from kdistill.atomic.
+from .atomic import atomic_write, atomic_write_text  # noqa: F401
 from .errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"
@@ -98,40 +99,6 @@ def _check_digest(payload: dict[str, Any], path: Path, what: str, fix: str) -> N
         )
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> Path:
-    """Write a file atomically: ``write(fileobj)`` fills a temp file, then it is renamed.
-
-    Args:
-        path: the destination.
-        write: called with the open temporary file.
-        mode: ``"wb"`` or ``"w"``.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def model_signature(model: nn.Module) -> dict[str, list[int]]:
     """``{parameter or buffer name: shape}``: what a checkpoint must match to load."""
     return {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -170,9 +137,7 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "extra": dict(extra or {}),
     }
-    buffer = io.BytesIO()
-    torch.save(_with_digest(payload), buffer)
-    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    return atomic_torch_save(_with_digest(payload), path)
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -580,9 +545,8 @@ TRAINING_STATE_FORMAT = "kdistill-training-state"
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write a trainer's resumable state (:meth:`kdistill.Trainer.training_state`) atomically."""
-    buffer = io.BytesIO()
-    torch.save(_with_digest({"format": TRAINING_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}), buffer)
-    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    payload = {"format": TRAINING_STATE_FORMAT, "format_version": FORMAT_VERSION, **state}
+    return atomic_torch_save(_with_digest(payload), path)
 
 
 def read_training_state(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

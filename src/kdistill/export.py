@@ -31,7 +31,6 @@ import copy
 import importlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write, replace_durably, temp_path_beside
 from .errors import ExportParityError, KDistillError, MissingExtraError, ModelInputError
 
 INPUT_NAME = "input"
@@ -177,30 +176,11 @@ def _example_batch(model: nn.Module, example_input: Any) -> torch.Tensor:
     return x
 
 
-@contextlib.contextmanager
-def _temp_beside(path: Path) -> Iterator[Path]:
-    """A temporary file in ``path``'s folder (same file system: the rename is atomic).
-
-    Yields the temporary path; on success the caller renames it, on failure it is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-
-
-def _commit(tmp: Path, path: Path) -> Path:
-    """fsync ``tmp`` and rename it over ``path``."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+def _temp_beside(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """A temporary file beside ``path`` (:func:`~kdistill.atomic.temp_path_beside`) that keeps
+    its extension (``.tmp.onnx``: exporters and onnxruntime look at it); ONNX external data
+    written beside it (``.data``) is removed with it."""
+    return temp_path_beside(path, suffix=f".tmp{path.suffix}", companions=(".data",))
 
 
 @contextlib.contextmanager
@@ -318,7 +298,7 @@ def export_onnx(
         except Exception as e:
             raise KDistillError(f"the ONNX file exported for {str(path)!r} is not valid ONNX: {e}") from e
         # 3. rename into place
-        return _commit(tmp, path)
+        return replace_durably(tmp, path)
 
 
 def export_torchscript(model: nn.Module, example_input: Any, path: str | os.PathLike) -> Path:
@@ -794,7 +774,7 @@ def quantize_int8(
             )
     with _temp_beside(path) as tmp:
         _quantize_onnx(source, tmp, cal, method, per_channel, batch_size)
-        return _commit(tmp, path)
+        return replace_durably(tmp, path)
 
 
 __all__ = [
