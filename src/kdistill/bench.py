@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import ModelInputError
+from .export import export_format, load_exported, ort_session, require_extra
+from .runtime import module_device
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -31,13 +34,6 @@ def size_on_disk(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getbuffer().nbytes
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (the CPU if it has neither)."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _timings(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
@@ -61,7 +57,7 @@ def latency(
     model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 1, warmup: int = 10, repeats: int = 50
 ) -> dict[str, float]:
     """Forward latency in milliseconds at ``batch_size``: ``{"median_ms", "p90_ms"}``."""
-    device = _model_device(model)
+    device = module_device(model)
     x = torch.randn(batch_size, *input_shape, device=device)
     times = sorted(_timings(model, x, warmup, repeats))
     return {
@@ -74,7 +70,7 @@ def throughput(
     model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 256, warmup: int = 2, repeats: int = 10
 ) -> float:
     """Samples per second of the forward pass at ``batch_size`` (median over repeats)."""
-    device = _model_device(model)
+    device = module_device(model)
     x = torch.randn(batch_size, *input_shape, device=device)
     return batch_size / statistics.median(_timings(model, x, warmup, repeats))
 
@@ -159,8 +155,6 @@ def count_onnx_parameters(path: str | os.PathLike) -> int:
     0-d float constants (a padding value, an epsilon), so a float export and its static
     int8 version count the same. (A 0-d learnable parameter would be missed.)
     """
-    from .export import require_extra
-
     onnx = require_extra("onnx")
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
@@ -220,15 +214,11 @@ def benchmark_onnx(
         MissingExtraError: ``onnx``/``onnxruntime`` are not installed.
         ValueError: ``repeats`` or a batch size is not positive.
     """
-    import numpy as np
-
-    from .export import _ort_session, export_format
-
     path = Path(path)
     if export_format(path) != "onnx":
         raise ValueError(f"benchmark_onnx needs an .onnx file, got {str(path)!r}; use benchmark_torchscript()")
     size = _file_size(path)
-    session = _ort_session(path, torch.get_num_threads())
+    session = ort_session(path, torch.get_num_threads())
     name = session.get_inputs()[0].name
     shape = tuple(int(d) for d in input_shape)
     expected = session.get_inputs()[0].shape[1:]
@@ -288,8 +278,6 @@ def benchmark_torchscript(
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``repeats`` or a batch size is not positive.
     """
-    from .export import load_exported
-
     path = Path(path)
     size = _file_size(path)
     exported = load_exported(path)

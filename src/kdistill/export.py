@@ -42,6 +42,7 @@ from torch import nn
 
 from .atomic import atomic_write, replace_durably, temp_path_beside
 from .errors import ExportParityError, KDistillError, MissingExtraError, ModelInputError
+from .runtime import module_device
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -134,12 +135,6 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
     if not x.is_floating_point():
         x = x.float()
     return x.detach().to("cpu", torch.float32)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
@@ -341,8 +336,20 @@ def _save_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def _ort_session(path: Path, num_threads: int | None = None):
-    """An onnxruntime CPU session using ``num_threads`` (default: PyTorch's thread count)."""
+def ort_session(path: str | os.PathLike, num_threads: int | None = None):
+    """An onnxruntime session that runs an ONNX file on the CPU.
+
+    Args:
+        path: the ``.onnx`` file.
+        num_threads: intra-op threads (default: PyTorch's thread count); one inter-op thread.
+
+    Returns:
+        The ``onnxruntime.InferenceSession``.
+
+    Raises:
+        MissingExtraError: ``onnxruntime`` is not installed.
+        KDistillError: onnxruntime cannot load the file (corrupt, or not ONNX).
+    """
     ort = require_extra("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads or torch.get_num_threads()
@@ -407,7 +414,7 @@ def load_exported(path: str | os.PathLike, *, num_threads: int | None = None) ->
     fmt = export_format(path)
     path = _existing_file(path)
     if fmt == "onnx":
-        session = _ort_session(path, num_threads)
+        session = ort_session(path, num_threads)
         inp = session.get_inputs()[0]
         dims = inp.shape[1:]
         input_shape = tuple(dims) if all(isinstance(d, int) for d in dims) else None
@@ -447,7 +454,7 @@ def _batched(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_s
 
 def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The PyTorch model's logits ``(N, C)`` on the CPU, in eval mode (its mode is restored)."""
-    device = _model_device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -628,7 +635,7 @@ def _quantize_onnx(
             )
             pre.write_bytes(source.read_bytes())
         _name_nodes(pre)
-        input_name = _ort_session(pre).get_inputs()[0].name
+        input_name = ort_session(pre).get_inputs()[0].name
         logger = logging.getLogger()  # onnxruntime.quantization logs to the root logger
         level = logger.level
         logger.setLevel(logging.ERROR)
@@ -785,6 +792,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "load_exported",
+    "ort_session",
     "quantize_int8",
     "require_extra",
 ]

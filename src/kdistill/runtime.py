@@ -40,6 +40,20 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a module lives on: that of its first parameter, else of its first buffer.
+
+    Args:
+        module: any ``nn.Module``.
+
+    Returns:
+        The ``torch.device``; the CPU for a module without parameters and buffers.
+    """
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's global generators (all devices).
 
