@@ -5,7 +5,7 @@ In one process, on the classic Keras-example models, batch 64, timed interleaved
 
 * ``student``: a plain training step of the student (``Trainer.train_step``);
 * ``online``: a ``Distiller.train_step`` with the live teacher;
-* ``cached_full``: the same with a :class:`~kdistill.teacher.CachedTeacher` of float16 full logits;
+* ``cached_full``: the same with a :class:`~kdistill.teacher.TeacherCache` of float16 full logits;
 * ``cached_topk``: the same with a top-k cache (k = 5 of 10 classes, float16);
 * ``student_aug``: a plain student step on a batch augmented by random crop + flip (the
   global generator), augmentation included in the time;

@@ -35,13 +35,12 @@ from .losses import DistillationLoss, KDLoss, KLDivergence, WeightedSum, kd_loss
 from .models import build_model
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
-from .teacher import CachedTeacher, LiveTeacher, TeacherCache
+from .teacher import LiveTeacher, Teacher, TeacherCache
 
 __all__ = [
     "__version__",
     "Batch",
     "CSVLogger",
-    "CachedTeacher",
     "Callback",
     "CheckpointError",
     "ConfigError",
@@ -65,6 +64,7 @@ __all__ = [
     "Outputs",
     "ProgressBar",
     "RunDirectoryError",
+    "Teacher",
     "TeacherCache",
     "Trainer",
     "TrainingCheckpoint",

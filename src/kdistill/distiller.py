@@ -7,7 +7,6 @@ The API is the shape of ``keras.Model`` and of the classic Keras ``Distiller`` e
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -25,7 +24,8 @@ from .metrics import Metric, resolve_metrics
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
 from .taps import CheckedForward, FeatureTaps
-from .teacher import CachedTeacher, LiveTeacher
+from .teacher import LiveTeacher, Teacher
+from .teacher.base import missing_calls
 
 OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -772,6 +772,29 @@ class Trainer:
         return torch.cat(outs)
 
 
+def tapped_layers(loss: DistillationLoss) -> dict[str, list[str]]:
+    """``{"student": [paths], "teacher": [paths]}``: the layers a distillation loss (or each
+    part of a :class:`~kdistill.losses.WeightedSum`) declares in its ``taps``.
+
+    Raises:
+        ValueError: a ``taps`` role other than ``"student"`` or ``"teacher"``.
+    """
+    out: dict[str, set[str]] = {"student": set(), "teacher": set()}
+    for part in (loss.parts.values() if isinstance(loss, WeightedSum) else [loss]):
+        for role, path in (part.taps or {}).items():
+            if role not in out:
+                raise ValueError(f"{part.name}.taps has role {role!r}; expected 'student' and/or 'teacher'")
+            out[role].add(path)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def loss_temperatures(loss: DistillationLoss) -> list[float]:
+    """The distinct temperatures at which a distillation loss (or the parts of a
+    :class:`~kdistill.losses.WeightedSum`) softens logits; ``[]`` for feature losses."""
+    parts = loss.parts.values() if isinstance(loss, WeightedSum) else [loss]
+    return sorted({float(p.temperature) for p in parts if getattr(p, "temperature", None) is not None})
+
+
 class Distiller(Trainer):
     """Trains a student to match a frozen teacher and the labels (Hinton et al., 2015).
 
@@ -784,27 +807,31 @@ class Distiller(Trainer):
 
     Args:
         student: the network to train.
-        teacher: the trained network to learn from, or a teacher object: anything callable
-            as ``teacher(batch) -> Outputs`` with a ``parameters()`` method, such as
-            :class:`~kdistill.teacher.LiveTeacher` or a cache of the teacher's outputs
-            looked up by ``batch.index`` (it must then hold the layers the losses tap).
+        teacher: the trained network to learn from (run as a
+            :class:`~kdistill.teacher.LiveTeacher`), or any teacher kind: a
+            :class:`~kdistill.teacher.LiveTeacher` with speed options, a
+            :class:`~kdistill.teacher.TeacherCache` built beforehand (it must hold the
+            layers the losses tap), or your own :class:`~kdistill.teacher.Teacher`
+            subclass. The Distiller only makes the protocol's calls
+            (:mod:`kdistill.teacher.base`), whatever the kind.
         device: where to train (default: :func:`kdistill.runtime.get_device`).
     """
 
     label_weighted_logs = ("student_loss",)
     model_role = "student"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | LiveTeacher, *, device: str | torch.device | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | Teacher, *, device: str | torch.device | None = None):
         super().__init__(student, device=device)
         if teacher is student:
             raise ValueError("teacher and student are the same module; distil into a separate student network")
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher, self.device)
-        elif not (callable(teacher) and hasattr(teacher, "parameters")):
+        elif missing_calls(teacher):
             raise TypeError(
-                f"teacher must be an nn.Module or a teacher object (callable batch -> Outputs, with "
-                f"parameters()), e.g. kdistill.teacher.LiveTeacher; got {type(teacher).__name__}")
-        self.teacher = teacher
+                f"teacher must be an nn.Module or a teacher (kdistill.teacher.LiveTeacher, TeacherCache, or a "
+                f"subclass of kdistill.teacher.Teacher); got {type(teacher).__name__}, which lacks "
+                f"{missing_calls(teacher)}. Subclass kdistill.teacher.Teacher: it defines every call but __call__.")
+        self.teacher: Teacher = teacher
         self.alpha = 0.1
         self.student_loss_weight: float | None = None
         self.distillation_loss: DistillationLoss | None = None
@@ -922,6 +949,8 @@ class Distiller(Trainer):
         self.distillation_loss.to(self.device)
         self._losses_ready = False
         self.tapped_layers()  # a malformed taps declaration fails at compile
+        # the one place a teacher learns the losses' temperature (a top-k cache serves logits exact at it)
+        self.teacher.set_temperatures(loss_temperatures(self.distillation_loss))
         return self
 
     def _check_pair(self, student: Outputs, teacher: Outputs) -> None:
@@ -929,8 +958,7 @@ class Distiller(Trainer):
         s, t = student.logits.shape[-1], teacher.logits.shape[-1]
         if s != t:
             raise ValueError(
-                f"teacher and student class counts differ: the teacher "
-                f"({type(self.teacher.module).__name__ if isinstance(self.teacher, LiveTeacher) else self.teacher}) "
+                f"teacher and student class counts differ: {self.teacher!r} "
                 f"predicts {t} classes and the student ({type(self.student).__name__}) {s}. "
                 f"Build the student with num_classes={t}."
             )
@@ -1015,20 +1043,13 @@ class Distiller(Trainer):
 
     def tapped_layers(self) -> dict[str, list[str]]:
         """``{"student": [paths], "teacher": [paths]}`` the losses read."""
-        out: dict[str, set[str]] = {"student": set(), "teacher": set()}
-        for part in self.loss_parts():
-            for role, path in (part.taps or {}).items():
-                if role not in out:
-                    raise ValueError(f"{part.name}.taps has role {role!r}; expected 'student' and/or 'teacher'")
-                out[role].add(path)
-        return {k: sorted(v) for k, v in out.items()}
+        return tapped_layers(self.distillation_loss)
 
     def _install_taps(self) -> None:
         layers = self.tapped_layers()
         if self._student_taps is None and layers["student"]:
             self._student_taps = FeatureTaps(self.model, layers["student"], role="student").install()
-        if isinstance(self.teacher, LiveTeacher):
-            self.teacher.set_taps(layers["teacher"])
+        self.teacher.set_taps(layers["teacher"])
 
     def _before_training(self, train: Any, generator: torch.Generator) -> None:
         # 1. hooks on the layers the losses read
@@ -1043,38 +1064,9 @@ class Distiller(Trainer):
             set_rng_state(saved_rng)
             self.setup(batch)
 
-    def _cached_views(self) -> bool:
-        return isinstance(self.teacher, CachedTeacher) and self.teacher.views > 0
-
     def _augment_batch(self, batch: Batch) -> Batch:
-        if self._cached_views():  # the stored view of this epoch, rebuilt from its seeds
-            return self.teacher.augment_batch(batch, self.epoch)
-        return super()._augment_batch(batch)
-
-    def _check_cache_augmentation(self, augment: Any) -> None:
-        """A teacher cache serves outputs for the inputs it was built on: augmenting them
-        anew would pair the student's input with the teacher's output for another one."""
-        if not isinstance(self.teacher, CachedTeacher):
-            return
-        cache = self.teacher
-        if not cache.views:
-            if augment is not None:
-                raise ValueError(
-                    f"fit(augment={augment!r}) with teacher cache {cache.path}, which holds the teacher's outputs "
-                    "for the un-augmented samples only: the student would train on inputs the teacher never saw. "
-                    "Build the cache with views (TeacherCache.build(teacher, x, path, views=V, augment=aug), or "
-                    "`kdistill cache ... --views V`), distil without augment=, or use the live teacher."
-                )
-            return
-        if augment is None:
-            return
-        mine = augment.to_config() if callable(getattr(augment, "to_config", None)) else repr(augment)
-        if json.loads(json.dumps(mine)) != cache.augment_config:
-            raise ValueError(
-                f"fit(augment={augment!r}), but teacher cache {cache.path} holds views made with "
-                f"{cache.augmentation!r}: the student must see the inputs the teacher saw. Leave augment= out "
-                "(the Distiller replays the cache's views) or rebuild the cache with this augmentation."
-            )
+        # fit's augmentation (if the teacher allows one), then what the teacher needs (a cached view replayed)
+        return self.teacher.prepare(super()._augment_batch(batch), self.epoch)
 
     def _after_restore(self, train: Any, generator: torch.Generator) -> None:
         """Run the pre-training stage of every loss that has one and has not run it
@@ -1091,9 +1083,7 @@ class Distiller(Trainer):
             part.train()
             for epoch in range(part.pretrain_epochs):
                 for batch in train:
-                    batch = batch.to(self.device)
-                    if self._cached_views():  # the teacher's outputs exist for its views only
-                        batch = self.teacher.augment_batch(batch, epoch)
+                    batch = self.teacher.prepare(batch.to(self.device), epoch)
                     loss = part.pretrain_loss(self.teacher(batch), batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -1107,8 +1097,7 @@ class Distiller(Trainer):
         if self._student_taps is not None:
             self._student_taps.remove()
             self._student_taps = None
-        if isinstance(self.teacher, LiveTeacher):
-            self.teacher.set_taps([])
+        self.teacher.set_taps([])
 
     def setup(self, batch: Batch | torch.Tensor) -> None:
         """Set the losses up on one batch: run teacher and student (eval mode, no
@@ -1123,9 +1112,7 @@ class Distiller(Trainer):
         """
         self._require_compiled()
         batch = batch if isinstance(batch, Batch) else Batch(batch)
-        batch = batch.to(self.device)
-        if self._cached_views() and batch.view is None:
-            batch = self.teacher.augment_batch(batch, self.epoch)
+        batch = self.teacher.prepare(batch.to(self.device), self.epoch)
         self._install_taps()
         was_training = self.model.training
         self.model.eval()
@@ -1173,7 +1160,5 @@ class Distiller(Trainer):
                 samples whose target is ``-1``.
         """
         self._pair_checked = False
-        self._check_cache_augmentation(kwargs.get("augment"))
-        if self._cached_views():
-            kwargs["augment"] = None  # the cache's own views replace it (checked equal above)
+        kwargs["augment"] = self.teacher.resolve_augment(kwargs.get("augment"))  # e.g. a cache replays its own views
         return super().fit(x, y, unlabelled=unlabelled, **kwargs)

@@ -70,7 +70,7 @@ from .config import ExperimentConfig, config_dict, dump_config, load_config
 from .data import load_dataset, split_labelled
 from .data.augment import Compose
 from .data.datasets import DatasetSplits
-from .distiller import Distiller, Trainer
+from .distiller import Distiller, Trainer, loss_temperatures, tapped_layers
 from .errors import ConfigError, KDistillError, RunDirectoryError
 from .locks import LockHeld, describe_holder, exclusive_lock
 from .losses.base import DistillationLoss, WeightedSum
@@ -609,7 +609,7 @@ def distil_inputs(config: ExperimentConfig, data: DatasetSplits) -> torch.Tensor
     """What a run's teacher cache is built over: the distil stage's training samples in
     the training set's order. Every labelled subset of the same samples (``data.subset``
     with ``data.unlabelled``, or no subset) shares one cache; the run serves it through
-    :meth:`~kdistill.teacher.CachedTeacher.reindexed` in ``fit``'s order."""
+    :meth:`~kdistill.teacher.TeacherCache.reindexed` in ``fit``'s order."""
     return torch.from_numpy(data.x_train)[np.sort(distil_rows(config, data))]
 
 
@@ -626,21 +626,14 @@ def _stage(config: ExperimentConfig, stage: str):
     return spec
 
 
-def teacher_layers(config: ExperimentConfig, stage: str = "distil") -> list[str]:
-    """The teacher layers a distillation stage's losses tap (what a teacher cache must hold)."""
-    loss = build_losses(_stage(config, stage))
-    parts = loss.parts.values() if isinstance(loss, WeightedSum) else [loss]
-    return sorted({path for part in parts for role, path in (part.taps or {}).items() if role == "teacher"})
-
-
-def cache_settings(config: ExperimentConfig, features: list[str], stage: str = "distil") -> dict[str, Any]:
+def cache_settings(config: ExperimentConfig, loss: DistillationLoss, stage: str = "distil") -> dict[str, Any]:
     """The :meth:`TeacherCache.build` keyword arguments ``stages.<stage>.teacher_cache`` asks
-    for (top-k stores its tail at the stage's temperature, so it is exact there)."""
-    ds = _stage(config, stage)
-    tc = ds.teacher_cache
-    return dict(mode=tc.mode, k=tc.k, dtype=tc.dtype, features=sorted(features), views=tc.views,
+    for, given the stage's losses: the teacher layers they read, and (top-k) the tail at
+    their temperature, so that the rebuilt logits are exact there."""
+    tc = _stage(config, stage).teacher_cache
+    return dict(mode=tc.mode, k=tc.k, dtype=tc.dtype, features=tapped_layers(loss)["teacher"], views=tc.views,
                 augment=build_augment(config) if tc.views else None, seed=config.seed,
-                tail_temperatures=(ds.temperature,) if tc.mode == "topk" else (), batch_size=tc.batch_size)
+                tail_temperatures=loss_temperatures(loss) if tc.mode == "topk" else (), batch_size=tc.batch_size)
 
 
 def default_cache_path(config: ExperimentConfig, store: Path | None, run_dir: Path, key: str,
@@ -656,15 +649,16 @@ def default_cache_path(config: ExperimentConfig, store: Path | None, run_dir: Pa
     return run_dir / ("teacher_cache" if stage == "distil" else f"{stage}_teacher_cache")
 
 
-def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp: str, stage_cfg, stage: str) -> Any:
-    """Build (or open) the teacher cache of a distillation stage and put it in the
-    Distiller's place of the live teacher (``teacher`` is the stage's teacher: the
-    teacher, or the assistant)."""
+def open_teacher_cache(ctx: _Context, loss: DistillationLoss, teacher: nn.Module, t_fp: str, stage_cfg,
+                       stage: str) -> Any:
+    """Build (or open) the teacher cache a distillation stage asks for: the teacher the
+    stage's Distiller then distils from (``teacher`` is the stage's network: the teacher,
+    or the assistant; ``loss`` the stage's losses, which decide what the cache holds)."""
     from .teacher import TeacherCache, estimate_size
 
     cfg = ctx.config
     tc = stage_cfg.teacher_cache
-    settings = cache_settings(cfg, dist.tapped_layers()["teacher"], stage)
+    settings = cache_settings(cfg, loss, stage)
     rows = distil_rows(cfg, ctx.data)
     stored = np.sort(rows)
     x = torch.from_numpy(ctx.data.x_train)[stored]
@@ -684,14 +678,11 @@ def _open_teacher_cache(ctx: _Context, dist: Distiller, teacher: nn.Module, t_fp
     started = time.perf_counter()
     # (with several processes one builds it, the others wait on its lock and map the same files)
     cached = TeacherCache.build(teacher, x, path, device=ctx.device, dataset_name=ctx.data.name, **settings)
-    if tc.mode == "topk":
-        cached.temperature = stage_cfg.temperature
     if not np.array_equal(rows, stored):  # fit's order differs from the cache's (a labelled subset first)
         cached = cached.reindexed(np.searchsorted(stored, rows))
     ctx.log(f"[{stage}] distilling from the teacher cache {path} ({cached.mode}"
             + (f", k={cached.k}" if cached.k else "") + f", {cached.bytes_per_sample} B/sample"
             + (f", {cached.views} views" if cached.views else "") + f"; ready in {time.perf_counter() - started:.1f} s)")
-    dist.teacher = cached
     return cached
 
 
@@ -917,13 +908,14 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
         def trainer() -> Trainer:
             loss = build_losses(stage)
             sched, interval = build_schedule(stage.schedule, stage.epochs, steps(len(x_lab) + (0 if x_unl is None else len(x_unl)), batch))
-            dist = Distiller(student=student, teacher=source, device=device)
+            # the stage's teacher: the network itself, or the cache of its outputs built before the Distiller
+            cached = (open_teacher_cache(ctx, loss, source, source_fp, stage, name)
+                      if stage.teacher_cache is not None else source)
+            dist = Distiller(student=student, teacher=cached, device=device)
             params = list(student.parameters()) + [p for p in loss.parameters() if p.requires_grad]
             dist.compile(build_optimizer(stage.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
                          alpha=stage.alpha, scheduler=sched, scheduler_interval=interval,  # the losses own T
                          student_loss_weight=stage.student_loss_weight)
-            if stage.teacher_cache is not None:
-                _open_teacher_cache(ctx, dist, source, source_fp, stage, name)
             return dist
 
         with stage_clock(name):

@@ -38,7 +38,7 @@ class Batch:
         mix: for a batch mixed by mixup/cutmix, the other samples' labels and the mixing
             weight (the hard-label loss is ``lam * CE(y) + (1 - lam) * CE(y_mix)``).
         view: for a batch augmented as one of a teacher cache's stored views
-            (:meth:`~kdistill.teacher.CachedTeacher.augment_batch`), which view; the cache
+            (:meth:`~kdistill.teacher.TeacherCache.prepare`), which view; the cache
             serves the teacher's outputs for that view. ``None`` otherwise.
     """
 

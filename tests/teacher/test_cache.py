@@ -20,7 +20,7 @@ import kdistill
 from kdistill.errors import CheckpointError
 from kdistill.losses import HintLoss, kd_loss
 from kdistill.outputs import Batch
-from kdistill.teacher import CacheError, CachedTeacher, CacheMismatchError, LiveTeacher, TeacherCache
+from kdistill.teacher import CacheError, CacheMismatchError, LiveTeacher, Teacher, TeacherCache
 
 N, D, C = 96, 8, 10
 
@@ -70,7 +70,7 @@ def test_full_float32_round_trip_is_the_live_teachers_outputs_with_features(tmp_
     teacher, (x, _) = make_teacher(), make_data()
     cached = TeacherCache.build(teacher, x, tmp_path / "c", dtype="float32", batch_size=40,
                                 features=["1", "0:input"], device="cpu", dataset_name="toy")
-    assert isinstance(cached, CachedTeacher)
+    assert isinstance(cached, TeacherCache) and isinstance(cached, Teacher)
     assert sorted(entries(tmp_path)) == ["c"]  # the temporary directory is gone
     assert sorted(os.listdir(tmp_path / "c")) == ["feature.0_input.npy", "feature.1.npy", "logits.npy", "manifest.json"]
     index = shuffled()[:17]
@@ -175,7 +175,7 @@ def test_topk_kd_loss_is_close_to_full_logit_kd_at_t4(tmp_path):
         s = student(x)
     full = float(kd_loss(s, live(teacher, index, x).logits, temperature=4.0))
     at_t1 = float(kd_loss(s, cached(Batch(x, None, index)).logits, temperature=4.0))
-    cached.temperature = 4.0
+    cached.set_temperatures([4.0])
     at_t4 = float(kd_loss(s, cached(Batch(x, None, index)).logits, temperature=4.0))
     print(f"\nKD at T=4, top-5 of 10 classes (float16) vs full logits {full:.4f}: tail filled for T=1 "
           f"{at_t1:.4f} ({at_t1 / full - 1:+.2%}), for T=4 {at_t4:.4f} ({at_t4 / full - 1:+.2%})")
@@ -189,17 +189,20 @@ def test_a_tail_temperature_makes_the_softened_topk_exact(tmp_path):
     x, y, teacher, _ = clustered_problem(n=128)
     cached = TeacherCache.open(
         TeacherCache.build(teacher, x, tmp_path / "c", mode="topk", k=2, dtype="float32",
-                           tail_temperatures=(4, 2.0, 1), device="cpu").path, temperature=2.0)
+                           tail_temperatures=(4, 2.0, 1), device="cpu").path)
     assert cached.tail_temperatures == [2.0, 4.0]  # T=1 is always stored (tail.npy)
     index = torch.arange(128)
     z = live(teacher, index, x).logits
     top_i = z.topk(2, -1).indices
     for t in (2.0, 4.0, 1.0):
-        cached.temperature = t
+        cached.set_temperatures([t])
+        assert cached.temperature == t
         p, p_hat = F.softmax(z / t, -1), F.softmax(cached(Batch(x, None, index)).logits / t, -1)
         torch.testing.assert_close(p_hat.gather(-1, top_i), p.gather(-1, top_i), rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match=r"not at T=3.*tail_temperatures=\[2.0, 3.0, 4.0\]"):
-        cached.temperature = 3
+    with pytest.raises(ValueError, match=r"not at the losses' T=3.*tail_temperatures=\[2.0, 3.0, 4.0\]"):
+        cached.set_temperatures([3])
+    with pytest.raises(ValueError, match=r"exactly at one temperature, but the losses use \[2.0, 4.0\]"):
+        cached.set_temperatures([2.0, 4.0])
     with pytest.raises(ValueError, match="only apply to mode='topk'"):
         TeacherCache.build(teacher, x, tmp_path / "f", tail_temperatures=[4.0], device="cpu")
 
@@ -362,8 +365,9 @@ def test_resume_after_a_hard_kill_of_another_process(tmp_path):
     script = textwrap.dedent(f"""
         import os, torch
         from torch import nn
-        from kdistill.teacher import TeacherCache, cache
-        cache.COMMIT_INTERVAL_S = 0.0  # commit after every batch
+        from kdistill.teacher import TeacherCache
+        from kdistill.teacher.cache import build
+        build.COMMIT_INTERVAL_S = 0.0  # commit after every batch
         saved = torch.load({str(tmp_path / "inputs.pt")!r})
         teacher = nn.Sequential(nn.Linear({D}, 32), nn.ReLU(), nn.Linear(32, {C}))
         teacher.load_state_dict(saved["teacher"])

@@ -16,7 +16,7 @@ import kdistill
 from kdistill.data.augment import Compose, GaussianNoise, Mixup, RandomCrop, RandomHorizontalFlip
 from kdistill.losses import FTLoss, HintLoss
 from kdistill.outputs import Batch
-from kdistill.teacher import CachedTeacher, CacheMismatchError, TeacherCache
+from kdistill.teacher import CacheMismatchError, TeacherCache
 from kdistill.teacher.cache import make_view_seeds
 from test_cache import Interrupt, count_forwards, entries, files_of, interrupt_after  # the cache tests' helpers
 
@@ -42,7 +42,7 @@ def make_aug() -> Compose:
     return Compose([RandomCrop(2), RandomHorizontalFlip()])
 
 
-def build(teacher, x, path, **kw) -> CachedTeacher:
+def build(teacher, x, path, **kw) -> TeacherCache:
     kw = {"views": V, "augment": make_aug(), "seed": SEED, "dtype": "float32", "batch_size": 20, "device": "cpu", **kw}
     return TeacherCache.build(teacher, x, path, **kw)
 
@@ -171,7 +171,7 @@ class Recording(kdistill.Distiller):
 class LiveViews(kdistill.Distiller):
     """The live teacher, trained on the cache's views (without the view tag)."""
 
-    def __init__(self, *args, views_of: CachedTeacher, **kw):
+    def __init__(self, *args, views_of: TeacherCache, **kw):
         super().__init__(*args, **kw)
         self.views_of = views_of
 

@@ -88,7 +88,8 @@ def _source(args: argparse.Namespace):
 
 def run_build(args: argparse.Namespace) -> int:
     from ..config import TeacherCacheConfig
-    from ..experiment import build_augment, distil_inputs, teacher_layers
+    from ..distiller import loss_temperatures, tapped_layers
+    from ..experiment import build_augment, build_losses, distil_inputs
     from ..teacher import TeacherCache, estimate_size
 
     config, data, teacher = _source(args)
@@ -100,8 +101,9 @@ def run_build(args: argparse.Namespace) -> int:
     augment = build_augment(config)
     if views and augment is None:
         raise KDistillError("--views needs an augmentation to make the views: the config's data.augment is empty")
-    features = teacher_layers(config) if args.features is None else args.features
-    temps = (ds.temperature,) if args.temperature is None else tuple(args.temperature)
+    loss = build_losses(ds)  # what the stage's losses read, and at which temperature
+    features = tapped_layers(loss)["teacher"] if args.features is None else args.features
+    temps = loss_temperatures(loss) if args.temperature is None else tuple(args.temperature)
     settings = dict(mode=mode, k=k, dtype=args.dtype or tc.dtype, features=features,
                     tail_temperatures=temps if mode == "topk" else (), views=views)
     x = distil_inputs(config, data)

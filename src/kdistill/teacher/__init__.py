@@ -1,7 +1,8 @@
-"""Teachers: a live network (``LiveTeacher``) and an offline cache of its outputs
-(``TeacherCache`` builds and opens one, ``CachedTeacher`` serves it)."""
+"""Teachers: the protocol the Distiller calls (``Teacher``), a live network
+(``LiveTeacher``) and an offline cache of its outputs (``TeacherCache``)."""
 
-from .cache import CacheError, CachedTeacher, CacheMismatchError, TeacherCache, estimate_size
+from .base import Teacher
+from .cache import CacheError, CacheMismatchError, TeacherCache, estimate_size
 from .live import LiveTeacher
 
-__all__ = ["CacheError", "CacheMismatchError", "CachedTeacher", "LiveTeacher", "TeacherCache", "estimate_size"]
+__all__ = ["CacheError", "CacheMismatchError", "LiveTeacher", "Teacher", "TeacherCache", "estimate_size"]

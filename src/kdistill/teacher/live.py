@@ -1,10 +1,10 @@
 """A teacher that runs its network on every batch (online distillation).
 
-Speed options (issue 5; numbers from ``benchmarks/live_teacher_speed.py``, which writes
-``benchmarks/results/live_teacher_speed.json``): ``channels_last`` (the memory format
-oneDNN's CPU convolutions prefer), ``autocast`` (bfloat16 / float16 mixed precision) and
-``compile`` (``torch.compile``). Only ``channels_last`` is on by default, and only where
-it was measured to help: for convolutional teachers on the CPU.
+Speed options: ``channels_last`` (the memory format oneDNN's CPU convolutions prefer),
+``autocast`` (bfloat16 / float16 mixed precision) and ``compile`` (``torch.compile``). Only
+``channels_last`` is on by default, and only for convolutional teachers on the CPU, where
+``benchmarks/live_teacher_speed.py`` measured it to help (numbers in
+``docs/teacher_cache.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ModelInputError
 from ..outputs import Batch, Outputs
 from ..taps import CheckedForward, FeatureTaps
+from .base import Teacher
 
 #: ``autocast=`` names and the devices each is accepted on.
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,7 +34,7 @@ def _device_type(module: nn.Module) -> str:
     return "cpu"
 
 
-class LiveTeacher:
+class LiveTeacher(Teacher):
     """Wraps a trained network as a frozen teacher.
 
     On construction the network's parameters get ``requires_grad=False`` and it is put in
@@ -50,28 +51,22 @@ class LiveTeacher:
       ``torch.channels_last`` and so is each batch's 4-D input (a copy: the batch the
       student sees is untouched). Outputs agree with the ordinary forward to float32
       rounding, not bit for bit. ``"auto"``, the default, turns it on for networks with
-      ``nn.Conv2d`` layers on the CPU and off elsewhere (not measured on GPUs). Measured
-      by ``benchmarks/live_teacher_speed.py`` (2-core AVX2 CPU, 2 threads, one run):
-      teacher forwards 1.34x / 1.84x faster for classic_teacher at batch 64 / 256 and
-      1.23x / 1.39x for resnet32x4; max abs logit difference 6.7e-6 (classic_teacher,
-      trained) and 2.3e-5 (resnet32x4, random weights); a whole online
-      ``Distiller.train_step`` (classic student, batch 64) 1.14x faster. If the
-      network's forward fails in that format (``x.view(...)`` after a convolution needs
-      ``reshape``), ``"auto"`` warns and runs it in the ordinary format; ``True`` raises.
+      ``nn.Conv2d`` layers on the CPU and off elsewhere. If the network's forward fails in
+      that format (``x.view(...)`` after a convolution needs ``reshape``), ``"auto"`` warns
+      and runs it in the ordinary format; ``True`` raises.
     * ``autocast``: ``"bfloat16"`` (any device) or ``"float16"`` (CUDA only) runs the
       forward under ``torch.autocast``; outputs are cast back to float32. Off by default:
-      on that CPU (AVX2, no native bfloat16) it was 6-25x *slower* than float32 (1.6-5x
-      with channels-last as well) and moved logits by up to 0.24.
+      on CPUs without native bfloat16 it is slower than float32 and moves the logits.
     * ``compile``: ``True`` (default backend) or a ``torch.compile`` backend name
-      compiles the forward. Off by default: it was 1.47-1.98x faster than plain in the
-      same run, but the first calls of each new batch shape pay the compilation (13-56 s
-      on that CPU), it does not combine with feature taps, and on a whole train step it
-      gained little over channels-last (1.17x vs 1.14x). Feature taps are refused with it
-      (forward hooks do not fire reliably inside compiled code). If compilation or a
-      compiled call fails while the ordinary forward of the same batch works, the
-      teacher warns (``RuntimeWarning``) and runs eagerly from then on: same outputs, no
-      speed-up. A batch that the ordinary forward rejects too raises as it would without
-      ``compile``. The first batch of each input shape runs eagerly (checked forward).
+      compiles the forward. Off by default: the first calls of each new batch shape pay
+      the compilation, and feature taps are refused with it (forward hooks do not fire
+      reliably inside compiled code). If compilation or a compiled call fails while the
+      ordinary forward of the same batch works, the teacher warns (``RuntimeWarning``)
+      and runs eagerly from then on: same outputs, no speed-up. A batch that the ordinary
+      forward rejects too raises as it would without ``compile``. The first batch of
+      each input shape runs eagerly (checked forward).
+
+    The measured effect of each option is in ``docs/teacher_cache.md``.
 
     With ``channels_last=False`` (and the other options off) the forward is exactly the
     ordinary one, bit for bit.
