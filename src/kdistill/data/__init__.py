@@ -1,7 +1,8 @@
 """Data: readers (IDX, CIFAR pickle), datasets by name, and the fast in-memory loader."""
 
+from .base import DatasetSplits
 from .cifar import CIFAR_MEAN, CIFAR_STD, cifar_normalize, load_cifar
-from .datasets import DATASETS, DatasetSplits, load_dataset, split_labelled
+from .datasets import DATASETS, load_dataset, split_labelled
 from .idx import IdxFormatError, load_idx_images, load_idx_labels, read_idx
 from .loader import ArrayLoader, as_tensor, make_loader
 

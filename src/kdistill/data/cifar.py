@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetNotFoundError
-from .datasets import DATA_ENV, DatasetSplits, data_roots
+from .base import DATA_ENV, DatasetSplits, data_roots
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "cifar_normalize", "load_cifar"]
 
