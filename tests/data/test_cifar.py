@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.data import CIFAR_MEAN, CIFAR_STD, DatasetSplits, cifar_normalize, load_cifar
+from kdistill.data import CIFAR_MEAN, CIFAR_STD, DatasetSplits, cifar_normalize, load_cifar, load_dataset
 from kdistill.errors import DatasetNotFoundError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -111,20 +111,56 @@ def test_finds_files_via_env(tmp_path, monkeypatch):
     assert len(load_cifar("cifar_10").y_train) == 12
 
 
-def test_missing_folder_names_every_folder_tried_and_where_to_get_data(tmp_path, monkeypatch):
+def test_without_data_dir_every_folder_searched_is_listed_with_where_to_get_data(tmp_path, monkeypatch):
     env_dir = tmp_path / "env"
     monkeypatch.setenv("KDISTILL_DATA", str(env_dir))
-    nowhere = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError) as info:
-        load_cifar("cifar100", nowhere)
+        load_cifar("cifar100")
     assert isinstance(info.value, FileNotFoundError)
     msg = str(info.value)
-    for folder in (nowhere, nowhere / "cifar-100-python", env_dir, env_dir / "cifar-100-python"):
+    for folder in (env_dir, env_dir / "cifar-100-python"):
         assert f"{folder} (no such folder)" in msg
     assert "https://www.cs.toronto.edu/~kriz/cifar.html" in msg
     assert "cifar-100-python.tar.gz" in msg
     assert "never downloads" in msg
     assert "KDISTILL_DATA" in msg
+
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_replaced_by_kdistill_data(tmp_path, monkeypatch):
+    write_cifar100(tmp_path / "env")  # a complete copy the call must not fall back to
+    monkeypatch.setenv("KDISTILL_DATA", str(tmp_path / "env"))
+    typo = tmp_path / "typo"
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_cifar("cifar100", typo)
+    assert isinstance(info.value, FileNotFoundError)
+    msg = str(info.value)
+    assert f"{typo}, does not exist" in msg  # what path
+    assert "train, test, meta" in msg and "cifar-100-python/" in msg  # what was expected there
+    assert "extract cifar-100-python.tar.gz" in msg and "https://www.cs.toronto.edu/~kriz/cifar.html" in msg
+    assert "load_cifar(name, data_dir)" in msg
+    assert str(tmp_path / "env" / "cifar-100-python") not in msg
+
+
+def test_an_empty_data_dir_is_refused_even_when_kdistill_data_holds_the_dataset(tmp_path, monkeypatch):
+    write_cifar10(tmp_path / "env")
+    monkeypatch.setenv("KDISTILL_DATA", str(tmp_path / "env"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_cifar("cifar10", mine)
+    msg = str(info.value)
+    assert f"- {mine} (empty folder)" in msg
+    assert "data_batch_1" in msg and "batches.meta" in msg
+    assert "never replaced by another copy" in msg
+
+
+def test_the_folder_read_is_the_source_the_same_as_through_load_dataset(tmp_path, monkeypatch):
+    folder, _, _ = write_cifar10(tmp_path)
+    direct = load_cifar("cifar10", tmp_path)
+    assert direct.source == folder
+    assert load_dataset("cifar10", data_dir=tmp_path).source == folder
+    monkeypatch.setenv("KDISTILL_DATA", str(tmp_path))
+    assert load_cifar("cifar10").source == folder
 
 
 def test_incomplete_folder_lists_missing_files(tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetNotFoundError
-from .base import DATA_ENV, DatasetSplits, data_roots
+from .base import DATA_ENV, DatasetSplits, data_roots, named_folder_message
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "cifar_normalize", "load_cifar"]
 
@@ -189,49 +189,79 @@ def _read_classes(path: Path, spec: _CifarSpec) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- loading
 
 
-def _candidate_folders(spec: _CifarSpec, data_dir: str | os.PathLike | None) -> list[Path]:
-    folders = []
-    for root in data_roots(data_dir):
-        folders += [root, root / spec.folder]
-    return list(dict.fromkeys(folders))
+def _layouts(spec: _CifarSpec, root: Path) -> list[Path]:
+    """Where under ``root`` the batches may lie: the folder itself, or what the archive
+    extracts to (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
+    return [root, root / spec.folder]
+
+
+def _files(folder: Path, needed: list[str]) -> dict[str, Path | None]:
+    """``{file: path or None}`` of the batches and meta file in ``folder``."""
+    return {f: (folder / f if (folder / f).is_file() else None) for f in needed}
+
+
+def _read_folder(key: str, spec: _CifarSpec, folder: Path) -> DatasetSplits:
+    x_train, y_train = _read_split([folder / f for f in spec.train], spec)
+    x_test, y_test = _read_split([folder / spec.test], spec)
+    classes = _read_classes(folder / spec.meta, spec)
+    return DatasetSplits(
+        name=key, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes, source=folder
+    )
 
 
 def load_cifar(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSplits:
     """Load CIFAR-10 or CIFAR-100 from the python-pickle batches (never downloads).
 
-    The files are looked for in ``data_dir`` itself, then in ``data_dir/cifar-10-batches-py``
-    (``cifar-100-python``), then likewise under ``$KDISTILL_DATA``: pass the extracted
-    folder or the folder it was extracted into.
+    A ``data_dir`` that is given is the only place looked in: the folder itself, then
+    ``data_dir/cifar-10-batches-py`` (``cifar-100-python``); pass the extracted folder or
+    the folder it was extracted into. When it does not hold the files, the error names it
+    and the files missing, and ``$KDISTILL_DATA`` is *not* used in its place. Without
+    ``data_dir``, ``$KDISTILL_DATA`` (and its sub-folder of that name) is searched.
+    ``load_dataset("cifar10", data_dir)`` is this same call.
 
     Args:
         name: ``"cifar10"`` or ``"cifar100"`` (case, ``-`` and ``_`` ignored:
             ``"CIFAR-10"``).
-        data_dir: folder holding the batches, or its parent.
+        data_dir: folder holding the batches, or its parent; ``None``: search
+            ``$KDISTILL_DATA``.
 
     Returns:
         :class:`DatasetSplits` with ``(N, 3, 32, 32)`` float32 images in ``[0, 1]``
         (50000 train, 10000 test for the full datasets), int64 labels (CIFAR-100: the
-        100 fine labels) and the class names of the meta file.
+        100 fine labels), the class names of the meta file, and ``source`` the folder read.
 
     Raises:
         ValueError: for another dataset name, or a file that is not a batch of this
             dataset (wrong keys, shapes or label range).
-        DatasetNotFoundError: (a ``FileNotFoundError``) if no folder holds all the files;
-            the message lists every folder tried and how to get the data.
+        DatasetNotFoundError: (a ``FileNotFoundError``) if ``data_dir`` is given and does
+            not hold all the files (the message names the folder, what it lacks and how
+            to get the data), or if no folder searched holds them (it lists every folder
+            tried).
     """
     key = _canonical(name)
     spec = _SPECS[key]
     needed = [*spec.train, spec.test, spec.meta]
+    if data_dir is not None:  # the user named a folder: read it, or say why not
+        root = Path(data_dir).expanduser()
+        checked = [(folder, _files(folder, needed)) for folder in _layouts(spec, root)]
+        for folder, files in checked:
+            if all(files.values()):
+                return _read_folder(key, spec, folder)
+        raise DatasetNotFoundError(named_folder_message(
+            key, root, checked,
+            needed=f"the python-version batches {', '.join(needed)}",
+            layouts=f"{spec.folder}/ (what {spec.archive} extracts to)",
+            fill=f"extract {spec.archive} (the python version, from {_URL}) into {{folder}}",
+            elsewhere=f"${DATA_ENV}",
+            how="--data-dir / data.data_dir / load_dataset(data_dir=...) / load_cifar(name, data_dir)",
+        ))
+
+    # No folder named: search $KDISTILL_DATA.
     tried = []
-    for folder in _candidate_folders(spec, data_dir):
-        missing = [f for f in needed if not (folder / f).is_file()]
+    for folder in dict.fromkeys(f for root in data_roots(None) for f in _layouts(spec, root)):
+        missing = [f for f, path in _files(folder, needed).items() if path is None]
         if not missing:
-            x_train, y_train = _read_split([folder / f for f in spec.train], spec)
-            x_test, y_test = _read_split([folder / spec.test], spec)
-            classes = _read_classes(folder / spec.meta, spec)
-            return DatasetSplits(
-                name=key, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes
-            )
+            return _read_folder(key, spec, folder)
         if not folder.is_dir():
             tried.append(f"{folder} (no such folder)")
         elif len(missing) == len(needed):

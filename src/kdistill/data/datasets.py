@@ -10,7 +10,6 @@ error lists every folder tried and how to get the data.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetNotFoundError
-from . import cifar
 from .base import DATA_ENV, DatasetSplits, data_roots, named_folder_message
+from .cifar import load_cifar
 from .idx import load_idx_images, load_idx_labels
 
 __all__ = [
@@ -383,29 +382,5 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     if key == "digits":
         return _load_digits()
     if key in ("cifar10", "cifar100"):
-        return _load_cifar_dataset(key, data_dir)
+        return load_cifar(key, data_dir)
     return _load_idx_dataset(key, data_dir)
-
-
-def _load_cifar_dataset(key: str, data_dir: str | os.PathLike | None) -> DatasetSplits:
-    """:func:`~kdistill.data.cifar.load_cifar`, with a named ``data_dir`` read or refused
-    (never replaced by ``$KDISTILL_DATA``) and ``source`` set to the folder read."""
-    spec = cifar._SPECS[key]
-    needed = [*spec.train, spec.test, spec.meta]
-    folders = cifar._candidate_folders(spec, data_dir)
-    if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        folders = [f for f in folders if f in (root, root / spec.folder)]  # not $KDISTILL_DATA
-    checked = [(folder, {f: (folder / f if (folder / f).is_file() else None) for f in needed}) for folder in folders]
-    complete = [folder for folder, files in checked if all(files.values())]
-    if data_dir is not None and not complete:
-        raise DatasetNotFoundError(named_folder_message(
-            key, root, checked,
-            needed=f"the python-version batches {', '.join(needed)}",
-            layouts=f"{spec.folder}/ (what {spec.archive} extracts to)",
-            fill=f"extract {spec.archive} (the python version, from {cifar._URL}) into {{folder}}",
-            elsewhere=f"${DATA_ENV}",
-        ))
-    # load_cifar looks in the same folders in the same order: it reads complete[0]
-    splits = cifar.load_cifar(key, complete[0] if complete else data_dir)
-    return dataclasses.replace(splits, source=complete[0]) if complete else splits
