@@ -14,7 +14,7 @@ def _run(alpha: float, temperature: float, distilled: float, losses=("kd",)) -> 
     m = copy.deepcopy(example_metrics())
     d = m["config"]["stages"]["distil"]
     d["alpha"], d["temperature"] = alpha, temperature
-    d["losses"] = [{"name": name, "weight": 1.0} if "." not in name else {"name": None, "_component_": name}
+    d["losses"] = [{"name": name, "weight": 1.0} if "." not in name else {"_component_": name, "weight": 1.0}
                    for name in losses]
     m["models"]["distil"]["test_accuracy"] = distilled
     scratch, teacher = m["models"]["scratch"]["test_accuracy"], m["models"]["teacher"]["test_accuracy"]

@@ -9,12 +9,14 @@ import re
 import pytest
 
 from kdistill.report import (
+    comparison_table,
     plot_confusion_matrix,
     plot_stage_curves,
     render_html,
     render_markdown,
     write_report,
 )
+from kdistill.report.content import stage_label
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -74,8 +76,11 @@ def example_metrics() -> dict:
                 "accuracy": [0.76, 0.84], "val_loss": [0.6, 0.45], "val_student_loss": [0.55, 0.44],
                 "val_accuracy": [0.81, 0.8523]}},
         },
+        "fingerprints": {"teacher": "t0", "scratch": "s0", "distil": "d0"},
         "machine": {"platform": "Linux-6.1-x86_64", "processor": "x86_64", "cpu_count": 2, "torch_threads": 2,
                     "torch": "2.13.0", "python": "3.11.2", "cuda": None},
+        "timing": {"wall_seconds": 560.0, "stages": {"teacher": 420.0, "scratch": 60.0, "distil": 75.0}},
+        "warnings": [],
     }
 
 
@@ -86,14 +91,6 @@ def without_scratch(metrics: dict) -> dict:
     del m["models"]["scratch"], m["histories"]["scratch"], m["agreement"]["scratch"]
     m["distillation_gain_points"] = None
     m["accuracy_recovered"] = None
-    return m
-
-
-def old_metrics(metrics: dict) -> dict:
-    """A run from before confusion matrices, agreement, histories and the recovered ratio."""
-    m = copy.deepcopy(metrics)
-    for key in ("confusion_matrix", "agreement", "accuracy_recovered", "histories"):
-        del m[key]
     return m
 
 
@@ -177,9 +174,22 @@ def test_html_escapes_text_from_the_metrics(figures):
     m["config"]["stages"]["distil"]["losses"] = [{"name": "<b>kd</b>", "weight": 1.0}]
     page = render_html(m, figures)
     assert '<script>alert("x")</script>' not in page
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
     assert "Fast &amp; &lt;Cheap&gt;" in page and "&lt;b&gt;kd&lt;/b&gt;" in page and "<b>" not in page
     assert page.count("<script>") == 1  # only the page's own load handler
+
+
+def test_html_template_escapes_config_values_warnings_and_figure_keys(figures):
+    m = example_metrics()
+    m["config"]["student"] = {"name": "<script>alert(1)</script>", "checkpoint": None}
+    m["dataset"]["name"] = 'mnist" onmouseover="alert(1)'
+    m["warnings"] = ["<img src=x onerror=alert(1)>"]
+    page = render_html(m, {'x" onload="alert(1)': figures["curves"]})
+    assert "<code>&lt;script&gt;alert(1)&lt;/script&gt;</code>" in page
+    assert "<code>mnist&#34; onmouseover=&#34;alert(1)</code>" in page
+    assert "<strong>Warning:</strong> &lt;img src=x onerror=alert(1)&gt;." in page
+    assert 'id="figure-x&#34; onload=&#34;alert(1)"' in page
+    assert page.count("<script>") == 1 and "<img src=x" not in page and 'onload="' not in page
 
 
 def test_html_missing_figure_is_a_clear_error(tmp_path):
@@ -200,6 +210,26 @@ def test_markdown_has_the_table_headline_and_relative_image_links(figures):
     assert "<script>" not in render_markdown({**example_metrics(), "name": "<script>"}, {})
     # without a base, absolute paths become file names
     assert "](confusion.png)" in render_markdown(example_metrics(), figures)
+
+
+def test_markdown_table_is_the_comparison_table_of_the_run_models():
+    m = example_metrics()
+    text = render_markdown(m, {})
+    table = comparison_table({stage_label(s): m["models"][s] for s in m["stages"]})
+    assert "\n" + table + "\n" in text
+    assert table.splitlines()[4].startswith("| distilled | 21,000 | 83.2 KiB | 85.23% |")
+
+
+def test_markdown_report_warns_and_advises():
+    m = example_metrics()
+    m["warnings"] = ["the distil stage's training loss ended at 12, more than 10x its first epoch's (0.9)"]
+    m["models"]["distil"]["test_accuracy"] = 0.8212
+    m["distillation_gain_points"], m["accuracy_recovered"] = -1.0, -0.237
+    text = render_markdown(m, {})
+    assert "**Warning:** the distil stage's training loss ended at 12" in text
+    assert "- **-1.00 points** distilled vs the same student from scratch" in text
+    assert "- **-23.7%** of the teacher-scratch accuracy gap recovered" in text
+    assert "**Why no gain here:** The student did not catch up" in text
 
 
 # -- write_report -----------------------------------------------------------------------
@@ -244,32 +274,14 @@ def test_write_report_without_scratch(tmp_path):
     assert "| scratch |" not in md and "93.0%" in page
 
 
-def test_write_report_old_metrics_without_confusion_or_agreement(tmp_path):
-    written = write_report(tmp_path, old_metrics(example_metrics()))
-    page, md = _check_run_dir(tmp_path, written, [])  # no histories, no matrix: no figures
-    assert "85.23%" in page and "agreement" not in page
-    # the recovered ratio is computed when not recorded: (85.23 - 83.12) / (87.34 - 83.12)
-    assert "50.0%" in page
-
-
-def test_write_report_classic_command_metrics(tmp_path):
-    """The ``kdistill classic`` metrics.json: flat config, ``distilled`` key, ``curves``."""
+def test_write_report_teacher_used_as_is(tmp_path):
+    """A teacher loaded from a checkpoint and not trained has no history: no curve of its own."""
     m = example_metrics()
-    models = m["models"]
-    classic = {
-        "kdistill_version": "0.1.0",
-        "config": {"dataset": "fashion_mnist", "teacher": "classic_teacher", "student": "classic_student",
-                   "alpha": 0.1, "temperature": 10.0},
-        "dataset": {"name": "fashion_mnist", "train": 60000, "labelled": 60000, "unlabelled": 0, "test": 10000},
-        "models": {"teacher": models["teacher"], "scratch": models["scratch"], "distilled": models["distil"]},
-        "distillation_gain_points": 2.11,
-        "curves": {"val_accuracy": {"teacher": [0.87], "scratch": [0.8, 0.83], "distilled": [0.81, 0.85]}},
-        "machine": m["machine"],
-    }
-    written = write_report(tmp_path, classic)
-    page, _ = _check_run_dir(tmp_path, written, ["accuracy"])
-    assert re.findall(r"<tr class=\"(\w+)\"", page) == ["teacher", "scratch", "distilled"]
-    assert "<code>classic_teacher</code>" in page and "alpha 0.1" in page and "50.0%" in page
+    del m["histories"]["teacher"]
+    m["models"]["teacher"]["train_seconds"], m["models"]["teacher"]["reused"] = 0.0, "teacher.pt"
+    written = write_report(tmp_path, m)
+    page, md = _check_run_dir(tmp_path, written, ["accuracy", "curves", "confusion"])
+    assert "<td>0 s (reused)</td>" in page and "teacher 0 s (reused)" in md
 
 
 def test_write_report_with_missing_measurements(tmp_path):

@@ -74,3 +74,13 @@ def test_written_report_is_self_contained(summary, tmp_path):
     md = paths["markdown"].read_text()
     assert "figures/regimes.png" in md and md.index("few labels") < md.index("| all labels |")
     assert render_html(summary, None).count("<img") == 0
+
+
+def test_the_page_escapes_names_from_the_runs(summary):
+    s = copy.deepcopy(summary)
+    s["student"] = "<script>alert(1)</script>"
+    s["regimes"]["few_labels"]["title"] = "few & <b>labels</b>"
+    page = render_html(s, None)
+    assert "<code>&lt;script&gt;alert(1)&lt;/script&gt;</code>" in page
+    assert "<td>few &amp; &lt;b&gt;labels&lt;/b&gt;</td>" in page and "<b>" not in page
+    assert page.count("<script>") == 1  # only the page's own load handler

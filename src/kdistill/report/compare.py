@@ -7,13 +7,12 @@ is a list of them. Rows are plain dicts, so a caller can add what it swept in ``
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..checkpoint import atomic_write
-from .html import _distil_key, _distil_settings, _gain, _recovered, loss_names
+from .content import distil_settings, loss_names
+from .figures import pyplot, save_png
 
 
 def compare_runs(metrics_list: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
@@ -25,25 +24,27 @@ def compare_runs(metrics_list: Sequence[tuple[str, Mapping[str, Any]]]) -> list[
     Returns:
         ``[{"run", "method", "alpha", "temperature", "teacher_accuracy", "scratch_accuracy",
         "distilled_accuracy", "gain_points", "recovered", "student_parameters",
-        "distilled_latency_ms"}, ...]``; a value a run did not record is ``None``.
+        "distilled_latency_ms"}, ...]``; the scratch accuracy, the gain and the accuracy
+        recovered are ``None`` where the run has no scratch student (the recovered
+        ratio also where its teacher is no more accurate than the scratch student).
     """
     rows = []
     for label, metrics in metrics_list:
-        models = metrics.get("models") or {}
-        settings = _distil_settings(metrics.get("config") or {})
-        distilled = models.get(_distil_key(models) or "", {}) or {}
+        models = metrics["models"]
+        settings = distil_settings(metrics["config"])
+        distilled = models["distil"]
         rows.append({
             "run": str(label),
-            "method": loss_names(metrics.get("config") or {}) or None,
+            "method": loss_names(metrics["config"]),
             "alpha": settings["alpha"],
             "temperature": settings["temperature"],
-            "teacher_accuracy": (models.get("teacher") or {}).get("test_accuracy"),
-            "scratch_accuracy": (models.get("scratch") or {}).get("test_accuracy"),
-            "distilled_accuracy": distilled.get("test_accuracy"),
-            "gain_points": _gain(metrics),
-            "recovered": _recovered(metrics),
-            "student_parameters": distilled.get("parameters"),
-            "distilled_latency_ms": distilled.get("latency_ms"),
+            "teacher_accuracy": models["teacher"]["test_accuracy"],
+            "scratch_accuracy": models["scratch"]["test_accuracy"] if "scratch" in models else None,
+            "distilled_accuracy": distilled["test_accuracy"],
+            "gain_points": metrics["distillation_gain_points"],
+            "recovered": metrics["accuracy_recovered"],
+            "student_parameters": distilled["parameters"],
+            "distilled_latency_ms": distilled["latency_ms"],
         })
     return rows
 
@@ -153,10 +154,7 @@ def plot_sweep(
         my = [sum(by_x[x]) / len(by_x[x]) for x in order if x in by_x]
         return xs, ys, mx, my
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     # 2. draw: distilled students, then scratch and teacher as references
@@ -193,7 +191,4 @@ def plot_sweep(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return save_png(fig, path)

@@ -1,7 +1,9 @@
 """Figures of a run's report: training curves per stage and the confusion matrix.
 
 Matplotlib is imported only when a figure is drawn, with the headless ``Agg`` backend
-(as in :mod:`kdistill.report.plots`); every PNG is written atomically.
+(:func:`pyplot`); every PNG is written atomically (:func:`save_png`). The other figures
+of the reports (:mod:`~kdistill.report.plots`, :mod:`~kdistill.report.compare`,
+:mod:`~kdistill.report.regimes`) draw with the same two helpers.
 """
 
 from __future__ import annotations
@@ -13,20 +15,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..checkpoint import atomic_write
-
-#: display label of a stage key (the run engine calls the distilled student ``distil``)
-STAGE_LABELS = {"distil": "distilled"}
+from .content import stage_label
 
 #: counts are written in the cells of confusion matrices with at most this many classes
 ANNOTATE_MAX_CLASSES = 20
 
 
-def stage_label(stage: str) -> str:
-    """``"distil" -> "distilled"``; other stage keys are their own label."""
-    return STAGE_LABELS.get(stage, stage)
-
-
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` with the headless ``Agg`` backend (unless one is already chosen)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -35,8 +31,13 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig: Any, path: str | os.PathLike) -> Path:
-    plt = _pyplot()
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically and close it.
+
+    Returns:
+        The path written.
+    """
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -129,7 +130,7 @@ def plot_stage_curves(
     Returns:
         The path written.
     """
-    plt = _pyplot()
+    plt = pyplot()
     stages = list(histories)
     cols = max(1, len(stages))
     fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 6.4), dpi=110, squeeze=False)
@@ -161,7 +162,7 @@ def plot_stage_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confusion_matrix(
@@ -208,7 +209,7 @@ def plot_confusion_matrix(
     fractions = [[(v / t if t > 0 else 0.0) for v in row] for row, t in zip(counts, totals)]
 
     # 2. draw: size grows with the class count, long names are rotated
-    plt = _pyplot()
+    plt = pyplot()
     side = min(max(4.5, 0.55 * n + 2.5), 16.0)
     fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=110)
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -234,4 +235,4 @@ def plot_confusion_matrix(
                 ax.text(j, i, text, ha="center", va="center", fontsize=size,
                         color="white" if fractions[i][j] > 0.5 else "black")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..checkpoint import atomic_write
+from .figures import pyplot, save_png
 
 
 def plot_curves(
@@ -26,11 +25,7 @@ def plot_curves(
         references: ``{label: value}`` drawn as dashed horizontal lines (e.g. the
             teacher's final accuracy, when it trained for fewer epochs than the students).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, values in curves.items():
         epochs = list(range(1, len(values) + 1))
@@ -45,7 +40,4 @@ def plot_curves(
     longest = max((len(v) for v in curves.values()), default=1)
     ax.set_xticks(range(1, longest + 1))
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return save_png(fig, path)

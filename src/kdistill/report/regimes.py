@@ -7,14 +7,14 @@ sentences that read them change with their sign (a loss is called a loss).
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..checkpoint import atomic_write_text
-from .figures import _pyplot, _save_png
-from .html import _CSP, _CSS, _SCRIPT, _data_uri, _machine
+from .content import measured_on
+from .figures import pyplot, save_png
+from .html import data_uri, render_template
 
 ORDER = ("few_labels", "all_labels")
 
@@ -76,6 +76,7 @@ def table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
 
 HEADER = ["regime", "labelled", "unlabelled", "teacher", "scratch", "distilled", "distilled - scratch (points)",
           "gap recovered", "distilled agrees with teacher"]
+TIME_HEADER = ["regime", "wall seconds per stage (this invocation)", "run"]
 
 
 def time_rows(summary: Mapping[str, Any]) -> list[list[str]]:
@@ -91,13 +92,12 @@ def time_rows(summary: Mapping[str, Any]) -> list[list[str]]:
 
 def machine(summary: Mapping[str, Any]) -> str:
     """"Measured on x86_64 (2 CPUs), ..." from the summary's machine and date."""
-    text = _machine({"machine": summary.get("machine") or {}}).split(". Latency")[0]
-    return (text + (f", {summary['date']}" if summary.get("date") else "") + ".") if text else ""
+    return measured_on(summary["machine"]) + (f", {summary['date']}" if summary.get("date") else "") + "."
 
 
 def plot_regimes(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Grouped bars: teacher, scratch and distilled accuracy per regime, the gain written above."""
-    plt = _pyplot()
+    plt = pyplot()
     regs = _regimes(summary)
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     kinds = [("teacher", "#8a94a6"), ("scratch", "#e0a458"), ("distil", "#2f7ed8")]
@@ -128,60 +128,58 @@ def plot_regimes(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def render_markdown(summary: Mapping[str, Any], figure: Path | None, base: Path) -> str:
-    d = summary.get("distil") or {}
-    lines = [f"# Distillation with few labels and with all labels ({(summary.get('dataset') or {}).get('name', '')})", ""]
-    lines += [f"Teacher `{summary.get('teacher')}` (trained on all labels), student `{summary.get('student')}`; "
-              f"distillation: alpha {d.get('alpha')}, temperature {d.get('temperature')}, {d.get('epochs')} epochs.", ""]
+    """The regimes report as Markdown: the content of :func:`render_html`, the figure as a link.
+
+    Args:
+        summary: ``regimes.json`` (:func:`kdistill.regimes.summarize`).
+        figure: the PNG of :func:`plot_regimes`; ``None`` for none.
+        base: the folder the Markdown file is written to (links are relative to it).
+    """
+    d = summary["distil"]
+    lines = [f"# Distillation with few labels and with all labels ({summary['dataset']['name']})", ""]
+    lines += [f"Teacher `{summary['teacher']}` (trained on all labels), student `{summary['student']}`; "
+              f"distillation: alpha {d['alpha']}, temperature {d['temperature']}, {d['epochs']} epochs.", ""]
     lines += headline(summary) + [""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
     lines += [""]
     if figure is not None:
         lines += [f"![test accuracy per regime]({os.path.relpath(figure, base)})", ""]
-    lines += ["## Time", "", "| regime | wall seconds per stage (this invocation) | run |", "|---|---|---|"]
+    lines += ["## Time", "", "| " + " | ".join(TIME_HEADER) + " |", "|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in time_rows(summary)]
-    lines += ["", f"Whole command: {summary.get('wall_seconds', 0):.0f} s wall. {machine(summary)}", ""]
+    lines += ["", f"Whole command: {summary['wall_seconds']:.0f} s wall. {machine(summary)}", ""]
     lines += ["## Each regime's own report", ""]
     lines += [f"- {r['title']}: [{k}/report.md]({k}/report.md)" for k, r in _regimes(summary)]
     return "\n".join(lines) + "\n"
 
 
 def render_html(summary: Mapping[str, Any], figure: Path | None) -> str:
-    esc = html.escape
-    d = summary.get("distil") or {}
+    """The self-contained HTML page of the regimes report (every value escaped).
 
-    def table(header: list[str], rows: list[list[str]]) -> str:
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-        return f'<table class="comparison"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-    parts = [
-        f"<h1>Distillation with few labels and with all labels ({esc((summary.get('dataset') or {}).get('name', ''))})</h1>",
-        f'<p class="experiment">Teacher <code>{esc(str(summary.get("teacher")))}</code> (trained on all labels), '
-        f'student <code>{esc(str(summary.get("student")))}</code>; distillation: alpha {esc(str(d.get("alpha")))}, '
-        f'temperature {esc(str(d.get("temperature")))}, {esc(str(d.get("epochs")))} epochs.</p>',
-        *[f"<p>{esc(s)}</p>" for s in headline(summary)],
-        table(HEADER, table_rows(summary)),
-    ]
-    if figure is not None:
-        parts.append(f'<figure><img alt="test accuracy per regime" src="{_data_uri(figure)}">'
-                     "<figcaption>Test accuracy of the teacher, the student from scratch and the distilled student "
-                     "in each regime.</figcaption></figure>")
-    parts += ["<h2>Time</h2>", table(["regime", "wall seconds per stage (this invocation)", "run"], time_rows(summary)),
-              f'<p class="machine">Whole command: {summary.get("wall_seconds", 0):.0f} s wall. '
-              f'{esc(machine(summary))}</p>',
-              "<h2>Each regime's own report</h2><ul>"
-              + "".join(f'<li>{esc(r["title"])}: <code>{esc(k)}/report.html</code></li>' for k, r in _regimes(summary))
-              + "</ul>"]
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            "<title>kdistill: few labels and all labels</title>"
-            f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body><main>"
-            + "\n".join(parts) + "</main></body></html>\n")
+    Args:
+        summary: ``regimes.json`` (:func:`kdistill.regimes.summarize`).
+        figure: the PNG of :func:`plot_regimes`, embedded; ``None`` for none.
+    """
+    return render_template(
+        "regimes.html",
+        dataset=summary["dataset"]["name"],
+        teacher=summary["teacher"],
+        student=summary["student"],
+        distil=summary["distil"],
+        headline=headline(summary),
+        header=HEADER,
+        rows=table_rows(summary),
+        figure=None if figure is None else data_uri(figure),
+        time_header=TIME_HEADER,
+        time_rows=time_rows(summary),
+        wall_seconds=f"{summary['wall_seconds']:.0f}",
+        machine=machine(summary),
+        reports=[(key, r["title"]) for key, r in _regimes(summary)],
+    )
 
 
 def write_regimes_report(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> dict[str, Path]:
