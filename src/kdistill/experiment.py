@@ -51,7 +51,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +61,10 @@ import torch
 from torch import nn
 
 from . import __version__, distributed
+from .atomic import atomic_copy, atomic_write_text
 from .bench import benchmark_model
 from .callbacks import Callback, JSONLogger, TrainingCheckpoint
-from .checkpoint import (CheckpointError, atomic_write_text, file_sha256, load_checkpoint, load_weights,
+from .checkpoint import (CheckpointError, file_sha256, load_checkpoint, load_weights,
                          read_training_state, save_checkpoint)
 from .config import ExperimentConfig, config_dict, dump_config, load_config
 from .data import load_dataset, split_labelled
@@ -223,14 +223,7 @@ def _copy_stage(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("checkpoint.pt", "history.jsonl", "stage.json", "done.json"):
         if (src / name).is_file():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".copy", dir=dst)  # unique: runs may publish at once
-            os.close(fd)
-            try:
-                shutil.copyfile(src / name, tmp)
-                os.replace(tmp, dst / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_copy(src / name, dst / name)  # a unique temp file: runs may publish at once
 
 
 def verify_stage_checkpoint(ckpt: Path, done: dict, done_path: Path | None = None, *,
@@ -969,19 +962,7 @@ class _StageClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def headline_numbers(models: dict[str, dict]) -> tuple[float | None, float | None]:
-    """``(gain in points, accuracy recovered)`` from the models' test accuracies.
-
-    Accuracy recovered = (distilled - scratch) / (teacher - scratch); it is undefined
-    (``None``) without a scratch student or when the teacher is not more accurate than it
-    (there is no gap to recover).
-    """
-    acc = {k: v["test_accuracy"] for k, v in models.items()}
-    if "scratch" not in acc or "distil" not in acc:
-        return None, None
-    gain = 100 * (acc["distil"] - acc["scratch"])
-    gap = acc["teacher"] - acc["scratch"]
-    return gain, ((acc["distil"] - acc["scratch"]) / gap if gap > 0 else None)
+from .report.numbers import headline_numbers  # noqa: E402
 
 
 def training_warnings(metrics: dict) -> list[str]:
