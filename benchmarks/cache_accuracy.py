@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from kdistill import Distiller, Trainer, build_model, load_checkpoint, load_dataset, save_checkpoint
-from kdistill.checkpoint import atomic_write_text
+from kdistill.atomic import atomic_write_text
 from kdistill.runtime import machine_description, seed_everything
 from kdistill.teacher import TeacherCache
 from kdistill.teacher.cache import dataset_fingerprint, teacher_fingerprint

@@ -192,7 +192,7 @@ def launch(args: argparse.Namespace, nproc: int, threads: int, cache_dir: str) -
 
 
 def driver(args: argparse.Namespace) -> None:
-    from kdistill.checkpoint import atomic_write_text
+    from kdistill.atomic import atomic_write_text
     from kdistill.runtime import machine_description
 
     started, load_before = time.perf_counter(), os.getloadavg()

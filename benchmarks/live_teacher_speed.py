@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from kdistill import Distiller, Trainer, build_model, load_checkpoint
-from kdistill.checkpoint import atomic_write_text
+from kdistill.atomic import atomic_write_text
 from kdistill.outputs import Batch
 from kdistill.runtime import machine_description, seed_everything
 from kdistill.teacher import LiveTeacher

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdistill.checkpoint import atomic_write_text
+from kdistill.atomic import atomic_write_text
 from kdistill.cli.classic import shipped_config
 from kdistill.config import load_config
 from kdistill.regimes import run_regimes

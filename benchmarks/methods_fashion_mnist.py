@@ -35,9 +35,9 @@ from typing import Callable
 import torch
 
 from kdistill import Distiller, Trainer, build_model, load_checkpoint, load_dataset, save_checkpoint
-from kdistill.checkpoint import atomic_write_text
+from kdistill.atomic import atomic_write_text
 from kdistill.data import split_labelled
-from kdistill.losses import KDLoss, WeightedSum
+from kdistill.losses import KDLoss
 from kdistill.outputs import Batch, Outputs
 from kdistill.runtime import machine_description, seed_everything
 from kdistill.taps import FeatureTaps

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from kdistill import Distiller, Trainer, TeacherCache, build_model, load_dataset
-from kdistill.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from kdistill.atomic import atomic_write_text
+from kdistill.checkpoint import load_checkpoint, save_checkpoint
 from kdistill.data import split_labelled
 from kdistill.losses import KDLoss
 from kdistill.runtime import machine_description, seed_everything

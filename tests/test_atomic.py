@@ -138,6 +138,14 @@ def test_temp_path_beside_removes_the_file_and_its_companions_unless_replaced(tm
     assert target.read_bytes() == b"graph"
 
 
-def test_checkpoint_still_offers_the_names_other_modules_import_from_it():
-    assert kdistill.checkpoint.atomic_write is atomic.atomic_write
-    assert kdistill.checkpoint.atomic_write_text is atomic.atomic_write_text
+def test_atomic_writing_has_one_home():
+    """Only kdistill.atomic renames files into place (besides the teacher cache's directory
+    swap), and nothing else defines or re-exports an atomic writer."""
+    src = Path(kdistill.__file__).parent
+    for f in src.rglob("*.py"):
+        if f.name == "atomic.py":
+            continue
+        text = f.read_text()
+        assert "os.replace(" not in text or f.relative_to(src).as_posix() == "teacher/cache/build.py", f
+        assert "def atomic_" not in text, f
+    assert not hasattr(kdistill.checkpoint, "atomic_write_text")

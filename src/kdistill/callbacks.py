@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, save_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import save_checkpoint
 
 
 class Callback:

@@ -30,9 +30,6 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save
-# Re-exported for the modules that still import them from here (callbacks, regimes, the
-# CLI, report, teacher cache); new code imports them from kdistill.atomic.
-from .atomic import atomic_write, atomic_write_text  # noqa: F401
 from .errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import distributed
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 from .config import ExperimentConfig, config_dict, validate_config
 from .runtime import machine_description
 

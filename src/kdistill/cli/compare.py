@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 from .report import read_metrics
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 

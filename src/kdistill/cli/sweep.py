@@ -16,7 +16,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 from ..config import load_config
 from ..errors import ConfigError
 from .run import add_common

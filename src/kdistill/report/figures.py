@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from .content import stage_label
 
 #: counts are written in the cells of confusion matrices with at most this many classes

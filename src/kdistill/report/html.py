@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 from . import content
 from .figures import plot_confusion_matrix, plot_stage_curves
 from .markdown import render_markdown

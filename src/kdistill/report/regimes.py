@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..checkpoint import atomic_write_text
+from ..atomic import atomic_write_text
 from .content import measured_on
 from .figures import pyplot, save_png
 from .html import data_uri, render_template

@@ -17,21 +17,13 @@ from torch import nn
 
 from ..errors import ModelInputError
 from ..outputs import Batch, Outputs
+from ..runtime import module_device
 from ..taps import CheckedForward, FeatureTaps
 from .base import Teacher
 
 #: ``autocast=`` names and the devices each is accepted on.
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _device_type(module: nn.Module) -> str:
-    """``"cpu"``, ``"cuda"``, ... where the module's first parameter (or buffer) lives."""
-    for t in module.parameters():
-        return t.device.type
-    for t in module.buffers():
-        return t.device.type
-    return "cpu"
 
 
 class LiveTeacher(Teacher):
@@ -104,7 +96,7 @@ class LiveTeacher(Teacher):
             module.to(device)
         module.requires_grad_(False)
         module.eval()
-        self.device_type = _device_type(module)
+        self.device_type = module_device(module).type
         self.autocast = self._check_autocast(autocast, self.device_type)
 
         # 1. memory format: "auto" = convolutional networks on the CPU (measured to help)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...checkpoint import atomic_write_text
+from ...atomic import atomic_write_text, fsync_dir
 from ...outputs import Batch
 from ...taps import CheckedForward, FeatureTaps
 from .format import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PROGRESS, TAIL_DESCRIPTION, VIEW_SEEDS, CacheError,
@@ -36,21 +36,6 @@ from .format import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PROGRESS, TAIL_DE
 #: A build commits its progress (flushes the arrays, then writes ``progress.json``) at
 #: least this often, in seconds, and whenever it stops on an exception.
 COMMIT_INTERVAL_S = 5.0
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX; a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 
 def _pid_alive(pid: int) -> bool:
@@ -382,7 +367,7 @@ def _build_here(teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os
     }
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (tmp / PROGRESS).unlink(missing_ok=True)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if replace:
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -390,7 +375,7 @@ def _build_here(teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
