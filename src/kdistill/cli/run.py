@@ -16,6 +16,7 @@ from ..config import load_config
 from ..errors import RunDirectoryError
 from ..experiment import read_run_config, run_experiment
 from ..report import comparison_table
+from ..report.content import stage_label
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def print_summary(metrics: dict, run_dir: Path) -> None:
     print()
-    print(comparison_table({("distilled" if k == "distil" else k): v for k, v in metrics["models"].items()}))
+    print(comparison_table({stage_label(k): v for k, v in metrics["models"].items()}))
     if metrics.get("distillation_gain_points") is not None:
         rec = metrics.get("accuracy_recovered")
         rec_text = "" if rec is None else f"; accuracy recovered {100 * rec:.0f}% of the teacher-scratch gap"
