@@ -30,6 +30,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import math
 import os
 import re
 from pathlib import Path
@@ -53,8 +54,15 @@ __all__ = [
     "yaml_load",
 ]
 
-OPTIMIZERS = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD",
-              "rmsprop": "torch.optim.RMSprop"}
+#: Built-in learning-rate schedules: name -> {keyword: default}. ``None`` is worked out from
+#: the stage (multistep's ``milestones``: ``[epochs // 2]``). Validated here, built by
+#: :func:`kdistill.experiment.build_schedule`.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "constant": {},
+    "cosine": {"warmup_epochs": 0, "eta_min": 0.0},
+    "step": {"step_size": 30, "gamma": 0.1},
+    "multistep": {"milestones": None, "gamma": 0.1},
+}
 AUGMENTATIONS = {"random_crop": "kdistill.data.augment.RandomCrop",
                  "horizontal_flip": "kdistill.data.augment.RandomHorizontalFlip",
                  "gaussian_noise": "kdistill.data.augment.GaussianNoise",
@@ -256,7 +264,10 @@ class LossSpec(ComponentSpec):
 
 
 class OptimizerSpec(ComponentSpec):
-    """``{name: adam|adamw|sgd|rmsprop, lr: ..., <kwargs>}`` or a ``_component_`` optimizer class."""
+    """``{name: adam|adamw|sgd|rmsprop, lr: ..., <kwargs>}`` or a ``_component_`` optimizer class.
+
+    Names resolve through :data:`kdistill.distiller.OPTIMIZERS`, as ``compile(optimizer=
+    "adam")`` does; without ``lr`` a named optimizer gets that table's default."""
 
     @model_validator(mode="after")
     def _check(self) -> "OptimizerSpec":
@@ -267,7 +278,19 @@ class OptimizerSpec(ComponentSpec):
         return self
 
     def resolve(self) -> Callable[..., Any]:
-        return _builtin("optimizer", self.name, OPTIMIZERS) if self.name is not None else resolve_callable(self.component)
+        if self.component is not None:
+            return resolve_callable(self.component)
+        from .distiller import OPTIMIZERS
+
+        return _builtin("optimizer", self.name, {k: f"{cls.__module__}.{cls.__qualname__}" for k, (cls, _) in OPTIMIZERS.items()})
+
+    def default_lr(self) -> float | None:
+        """The learning rate of a named optimizer whose ``lr`` is not given (else ``None``)."""
+        if self.name is None or "lr" in self.kwargs:
+            return None
+        from .distiller import OPTIMIZERS
+
+        return OPTIMIZERS[self.name][1]
 
 
 class ScheduleSpec(ComponentSpec):
@@ -285,8 +308,7 @@ class ScheduleSpec(ComponentSpec):
     @model_validator(mode="after")
     def _check(self) -> "ScheduleSpec":
         if self.name is not None:
-            allowed = {"constant": set(), "cosine": {"warmup_epochs", "eta_min"},
-                       "step": {"step_size", "gamma"}, "multistep": {"milestones", "gamma"}}
+            allowed = {name: set(kwargs) for name, kwargs in SCHEDULES.items()}
             if self.name not in allowed:
                 close = difflib.get_close_matches(self.name, allowed, n=2)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -382,10 +404,28 @@ class DataConfig(_Strict):
 
 
 class StageConfig(_Strict):
+    """What every training stage (teacher, scratch, assistant, distil) sets: its epochs,
+    optimizer, schedule, batch and training step (see
+    :meth:`kdistill.Trainer.compile` for ``precision``, ``accumulate_steps`` and
+    ``max_grad_norm``)."""
+
     epochs: int = Field(default=1, ge=1)
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="adam", lr=1e-3))
     schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec(name="constant"))
     batch_size: int | None = Field(default=None, ge=1, description="overrides data.batch_size for this stage")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="the trained model's forward: fp32, bf16 (CPU and CUDA) or fp16 (CUDA only)")
+    accumulate_steps: int = Field(
+        default=1, ge=1, description="batches per optimizer step (gradient accumulation); the batch size is per batch")
+    max_grad_norm: float | None = Field(
+        default=None, gt=0, description="clip the gradients to this total norm before each optimizer step")
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or null (no clipping), got {value}")
+        return value
 
 
 class TeacherStage(StageConfig):

@@ -7,9 +7,10 @@ The API is the shape of ``keras.Model`` and of the classic Keras ``Distiller`` e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +30,59 @@ from .teacher.base import missing_calls
 
 OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
+#: Optimizers by name, with their default learning rate: ``compile(optimizer="adam")``
+#: and a config's ``optimizer: {name: adam}`` both resolve names here.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
     "adam": (torch.optim.Adam, 1e-3),
     "adamw": (torch.optim.AdamW, 1e-3),
     "sgd": (torch.optim.SGD, 1e-2),
     "rmsprop": (torch.optim.RMSprop, 1e-3),
 }
+
+#: ``compile(precision=...)``: the dtype the model's forward autocasts to (``None``: float32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``, or a clear refusal.
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only).
+        device: where the model trains.
+
+    Returns:
+        ``None`` for fp32, else ``torch.bfloat16`` or ``torch.float16``.
+
+    Raises:
+        ValueError: an unknown name, fp16 off CUDA, bf16 on a device without it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        raise ValueError(
+            f"precision='fp16' needs a CUDA device (float16 autocast with a gradient scaler); this model trains "
+            f"on {kind!r}. Use precision='bf16' for mixed precision on the CPU, or 'fp32'")
+    if precision == "bf16":
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"precision='bf16' runs on 'cpu' and 'cuda' devices; this model trains on {kind!r}. "
+                             "Use precision='fp32'")
+        if kind == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision='bf16' needs a GPU with bfloat16 support (Ampere or newer); "
+                             "use precision='fp16' on this GPU")
+    return PRECISIONS[precision]
+
+
+class _MicroStep(NamedTuple):
+    """Where a training step's batch sits in the accumulated batch of one optimizer step."""
+
+    first: bool  # zero the gradients before its backward pass
+    last: bool  # clip and step the optimizer after it
+    samples: float  # its share of the accumulated batch's samples
+    labelled: float  # its share of the accumulated batch's labelled samples
+
+
+_WHOLE = _MicroStep(True, True, 1.0, 1.0)  # no accumulation: the batch is the whole step
 
 
 class _EpochMeans:
@@ -52,27 +100,36 @@ class _EpochMeans:
         self.shared = shared
 
     def update(self, logs: dict[str, float], weights: dict[str, float]) -> None:
-        if self.shared is not None:
-            self._update_shared(logs, weights)
-            return
-        for k, v in logs.items():
-            w = weights.get(k, weights["*"])
-            if w > 0:
-                self.sums[k] = self.sums.get(k, 0.0) + v * w
-                self.weights[k] = self.weights.get(k, 0.0) + w
+        """Add one step's logs, ``weights[name]`` (or ``weights["*"]``) samples each."""
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        self.weigh(logs, weights, sums, counts)
+        self.add(sums, counts)
 
-    def _update_shared(self, logs: dict[str, float], weights: dict[str, float]) -> None:
-        local: dict[str, float] = {}
+    @staticmethod
+    def weigh(logs: dict[str, float], weights: dict[str, float], sums: dict[str, float],
+              counts: dict[str, float]) -> None:
+        """Add ``logs`` times their weights into ``sums`` and the weights into ``counts``
+        (the micro-batches of one accumulated step are gathered this way, then added once)."""
         for k, v in logs.items():
             w = weights.get(k, weights["*"])
             if w > 0:
-                local[f"s:{k}"], local[f"w:{k}"] = v * w, w
-        total = self.shared(local)  # (a collective: every process, every step)
-        for name in total:
-            if name.startswith("w:") and total[name] > 0:
-                k = name[2:]
-                self.sums[k] = self.sums.get(k, 0.0) + total[f"s:{k}"]
-                self.weights[k] = self.weights.get(k, 0.0) + total[name]
+                sums[k] = sums.get(k, 0.0) + v * w
+                counts[k] = counts.get(k, 0.0) + w
+
+    def add(self, sums: dict[str, float], counts: dict[str, float]) -> None:
+        """Add weighted sums and their weights (from :meth:`weigh`); with ``shared``, first
+        summed across the processes (a collective: every process, every call)."""
+        if self.shared is not None:
+            local = {f"s:{k}": v for k, v in sums.items()}
+            local.update({f"w:{k}": w for k, w in counts.items()})
+            total = self.shared(local)
+            sums = {name[2:]: v for name, v in total.items() if name.startswith("s:")}
+            counts = {name[2:]: w for name, w in total.items() if name.startswith("w:")}
+        for k, w in counts.items():
+            if w > 0:
+                self.sums[k] = self.sums.get(k, 0.0) + sums[k]
+                self.weights[k] = self.weights.get(k, 0.0) + w
 
     def result(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in self.sums}
@@ -208,6 +265,16 @@ class Trainer:
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.metrics: dict[str, Metric] = {}
         self.train_temperature = 1.0  # of the supervised softmax (compile(temperature=...))
+        # the training step (compile(precision=, accumulate_steps=, max_grad_norm=))
+        self.precision = "fp32"
+        self._autocast: torch.dtype | None = None
+        self.scaler: torch.amp.GradScaler | None = None  # fp16 only
+        self.accumulate_steps = 1
+        self.max_grad_norm: float | None = None
+        self._micro: _MicroStep | None = None  # set by fit for each batch it trains on
+        self._has_grads = False  # a backward pass ran since the gradients were zeroed
+        self._calls_since_step = 0  # train_step calls outside fit since the last optimizer step
+        self._grad_norm: torch.Tensor | None = None  # of the last optimizer step, when clipping
         self.stop_training = False
         self.history: History | None = None
         self.epoch = 0
@@ -234,6 +301,9 @@ class Trainer:
         learning_rate: float | None = None,
         scheduler: Any = None,
         scheduler_interval: str = "epoch",
+        precision: str = "fp32",
+        accumulate_steps: int = 1,
+        max_grad_norm: float | None = None,
     ) -> "Trainer":
         """Configure training.
 
@@ -253,10 +323,47 @@ class Trainer:
                 torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)``).
             scheduler_interval: ``"epoch"`` (step the scheduler after each epoch) or
                 ``"step"`` (after each optimizer step).
+            precision: ``"fp32"`` (default); ``"bf16"``: the model's forward runs under
+                ``torch.autocast`` in bfloat16 (CPU and CUDA); ``"fp16"``: in float16 with
+                a ``torch.amp.GradScaler`` (CUDA only; refused on the CPU). The outputs
+                come back as float32, so every loss computes in float32; weights and
+                optimizer state stay float32. Applies to ``fit``, ``evaluate`` and
+                ``predict``. A Distiller's teacher keeps its own precision
+                (:class:`~kdistill.teacher.LiveTeacher`'s ``autocast=``).
+            accumulate_steps: micro-batches per optimizer step (gradient accumulation).
+                ``fit``'s ``batch_size`` is then the micro-batch; each optimizer step
+                trains on ``accumulate_steps * batch_size`` samples, each micro-batch's
+                mean loss weighted by its share of them (a short last micro-batch
+                counts for its samples only), so the gradient is the one of the whole
+                batch. Steps, schedules and checkpoints count optimizer steps (see
+                :meth:`fit`).
+            max_grad_norm: clip the gradients of every parameter the optimizer trains
+                (adapters included) to this total L2 norm before each optimizer step
+                (after unscaling, with fp16); the norm before clipping is logged as
+                ``grad_norm``. ``None`` (default): no clipping.
 
         Returns:
             ``self``, so calls can be chained.
+
+        Raises:
+            ValueError: a precision the device cannot run (fp16 on the CPU: use bf16),
+                ``accumulate_steps`` below 1, ``max_grad_norm`` not > 0.
         """
+        self._autocast = check_precision(precision, self.device)
+        if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be an integer >= 1 (micro-batches per optimizer step), "
+                             f"got {accumulate_steps!r}")
+        if max_grad_norm is not None:
+            try:
+                norm = float(max_grad_norm)
+            except (TypeError, ValueError):
+                norm = math.nan
+            if not (math.isfinite(norm) and norm > 0):
+                raise ValueError(f"max_grad_norm must be a finite number > 0 or None (no clipping), got {max_grad_norm!r}")
+            max_grad_norm = norm
+        self.precision, self.accumulate_steps, self.max_grad_norm = precision, accumulate_steps, max_grad_norm
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self._calls_since_step = 0
         self.train_temperature = check_temperature(temperature)
         self.loss_fn = nn.CrossEntropyLoss() if loss is None else loss
         if not callable(self.loss_fn):
@@ -294,9 +401,9 @@ class Trainer:
             opt = spec
         elif isinstance(spec, str):
             key = spec.lower()
-            if key not in _OPTIMIZERS:
-                raise ValueError(f"unknown optimizer {spec!r}: expected one of {sorted(_OPTIMIZERS)} or a torch.optim.Optimizer")
-            cls, default_lr = _OPTIMIZERS[key]
+            if key not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {spec!r}: expected one of {sorted(OPTIMIZERS)} or a torch.optim.Optimizer")
+            cls, default_lr = OPTIMIZERS[key]
             opt = cls(params, lr=default_lr if learning_rate is None else learning_rate)
         elif callable(spec):
             opt = spec(params)
@@ -319,8 +426,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """Run ``model`` on ``inputs``; a rejected input shape or dtype is explained."""
-        return self._checked_forward(model, inputs)
+        """Run ``model`` on ``inputs`` (under autocast with ``precision`` bf16/fp16, the
+        outputs then cast to float32); a rejected input shape or dtype is explained."""
+        if self._autocast is None:
+            return self._checked_forward(model, inputs)
+        with torch.autocast(self.device.type, dtype=self._autocast):
+            out = self._checked_forward(model, inputs)
+        return out.float()
 
     def supervised_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         """The hard-label loss over the labelled samples of ``batch``.
@@ -381,24 +493,86 @@ class Trainer:
                 )
         return values
 
-    def optimize(self, loss: torch.Tensor) -> None:
-        """Backward pass and optimizer step (skipped when the loss has no gradient)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def micro_step(self) -> _MicroStep:
+        """Where the batch being trained on sits in the optimizer step: ``first``,
+        ``last``, and its ``samples`` and ``labelled`` shares of the accumulated batch
+        (``(True, True, 1.0, 1.0)`` without accumulation).
+
+        Within ``fit`` the shares are exact (from the micro-batches' sizes); a
+        ``train_step`` called outside ``fit`` counts as ``1 / accumulate_steps``.
+        """
+        if self._micro is not None:
+            return self._micro
+        n = self.accumulate_steps
+        if n == 1:
+            return _WHOLE
+        i = self._calls_since_step % n
+        return _MicroStep(i == 0, i == n - 1, 1.0 / n, 1.0 / n)
+
+    def optimize(self, loss: torch.Tensor, *, weight: float | None = None) -> torch.Tensor | None:
+        """Backward pass; at the end of an optimizer step, clipping and the optimizer step.
+
+        Without accumulation every call is an optimizer step. With ``accumulate_steps``
+        N, the gradients are zeroed before the first micro-batch, summed over the N, and
+        the optimizer steps after the last (then the scheduler, with interval
+        ``"step"``). A loss without gradient adds nothing (the optimizer still steps on
+        what the other micro-batches gave).
+
+        Args:
+            loss: the batch's loss, a mean over its samples.
+            weight: what that mean counts for in the optimizer step's loss; default: the
+                batch's share of the accumulated batch's samples (1 without accumulation).
+
+        Returns:
+            The total gradient norm before clipping (a 0-d tensor, read by nobody until
+            the step's logs are) when this call stepped the optimizer with
+            ``max_grad_norm`` set; else ``None``.
+        """
+        micro = self.micro_step()
+        if micro.first:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._has_grads = False
         if loss.requires_grad:
-            loss.backward()  # under DDP the student's gradients are averaged across processes here
+            w = micro.samples if weight is None else weight
+            if w != 1.0:
+                loss = loss * w
+            # under DDP the student's gradients are averaged across processes here (last micro-batch only)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            self._has_grads = True
+        if self._micro is None and self.accumulate_steps > 1:
+            self._calls_since_step = (self._calls_since_step + 1) % self.accumulate_steps
+        self._grad_norm = None
+        if not micro.last:
+            return None
+        if self._has_grads:
             if self._outside_ddp:
                 distributed.average_gradients(self._outside_ddp)
-            self.optimizer.step()
+            if self.max_grad_norm is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                self._grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            if self.scaler is None:
+                self.optimizer.step()
+            else:  # skips the step if a gradient overflowed, and adapts the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
+        return self._grad_norm
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One optimisation step on ``batch``; returns the loss and metrics (tensors)."""
+        """One optimisation step on ``batch`` (one micro-batch of it, with
+        ``accumulate_steps``); returns the loss and metrics (tensors), and ``grad_norm``
+        when clipping."""
         logits = self.forward(self.training_model, batch.inputs)
         loss, _ = self.supervised_loss(logits, batch)
         self.check_finite({"loss": loss})
-        self.optimize(loss)
-        return {"loss": loss.detach(), **self.compute_metrics(logits.detach(), batch)}
+        norm = self.optimize(loss, weight=self.micro_step().labelled)  # a mean over the labelled samples
+        logs = {"loss": loss.detach(), **self.compute_metrics(logits.detach(), batch)}
+        if norm is not None:
+            logs["grad_norm"] = norm
+        return logs
 
     def test_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Evaluate the model on ``batch`` (no gradients): loss and metrics."""
@@ -475,7 +649,9 @@ class Trainer:
                 ``(inputs, targets)`` items).
             y: labels when ``x`` is an array or tensor; ``-1`` marks an unlabelled sample.
             epochs: epochs to train (the index of the last one, with ``initial_epoch``).
-            batch_size: samples per step (ignored for a ``DataLoader``).
+            batch_size: samples per batch (ignored for a ``DataLoader``); with
+                ``compile(accumulate_steps=N)``, per micro-batch (an optimizer step then
+                trains on ``N * batch_size`` samples).
             validation_data: ``(x_val, y_val)``, a Dataset or a DataLoader; evaluated after
                 every epoch, logged with a ``val_`` prefix.
             callbacks: :class:`~kdistill.callbacks.Callback` instances.
@@ -488,7 +664,8 @@ class Trainer:
                 each pass, continuing where the last epoch stopped) instead of making one
                 pass. Used to give two runs the same number of steps on data of different
                 sizes (e.g. a student trained from scratch on a labelled subset, against a
-                distilled one that also sees unlabelled data).
+                distilled one that also sees unlabelled data). With accumulation each of
+                them takes ``accumulate_steps`` batches.
             augment: ``augment(inputs) -> inputs``, or ``augment(batch) -> batch`` for a
                 callable with ``on_batch = True`` (mixup and cutmix, which also mix the
                 labels), applied once to each training batch on the device (a Distiller's
@@ -501,6 +678,18 @@ class Trainer:
 
         Returns:
             A :class:`~kdistill.callbacks.History` of per-epoch logs.
+
+        With ``compile(accumulate_steps=N)`` a *step* is an optimizer step everywhere:
+        ``global_step``, ``step_in_epoch``, ``steps_per_epoch``, a scheduler with
+        interval ``"step"``, the callbacks' ``on_train_batch_end`` (called once per
+        optimizer step, with the running means over every micro-batch so far) and
+        therefore :class:`~kdistill.callbacks.TrainingCheckpoint`'s mid-epoch saves,
+        which fall on optimizer-step boundaries only (a resume never starts inside an
+        accumulated batch). Without ``steps_per_epoch`` an epoch is one pass: ``ceil(B /
+        N)`` optimizer steps for ``B`` batches, the last one on the ``B mod N`` remaining
+        batches (weighted by their samples, so it is an ordinary, smaller step). The
+        logged means are over samples, as without accumulation; ``grad_norm`` (with
+        ``max_grad_norm``) is the mean over optimizer steps.
         """
         # 1. set up: seeds, data, callbacks
         self._require_compiled()
@@ -539,7 +728,11 @@ class Trainer:
         self.history = history
         self.stop_training = False
         self._epochs = epochs
-        self._steps_per_epoch = steps_per_epoch or len(train)
+        # an epoch: optimizer steps, each on accumulate_steps batches (its last step on the rest)
+        n = self.accumulate_steps
+        self._steps_per_epoch = steps_per_epoch or -(-len(train) // n)
+        self._batches_per_epoch = steps_per_epoch * n if steps_per_epoch else len(train)
+        self._calls_since_step = 0
         self._passes = _Passes(train, generator)
         self._step_sums = distributed.StepSums() if world > 1 else None
         self._means = _EpochMeans(self._step_sums)
@@ -595,10 +788,7 @@ class Trainer:
                 self._means = _EpochMeans(self._step_sums)
             for step in range(start_step if epoch == start_epoch else 0, self._steps_per_epoch):
                 self.step_in_epoch = step
-                batch = self._augment_batch(self._passes.next().to(self.device))
-                self._last_batch_size = len(batch)
-                logs = _to_floats(self.train_step(batch))
-                self._means.update(logs, self._step_weights(batch))
+                self._optimizer_step(step)
                 self.global_step += 1
                 self.step_in_epoch = step + 1
                 running = self._means.result()
@@ -621,6 +811,50 @@ class Trainer:
         self._elapsed_before, self._fit_started = self.elapsed_seconds, None
         for cb in cbs:
             cb.on_train_end()
+
+    def _optimizer_step(self, step: int) -> None:
+        """Train on the micro-batches of optimizer step ``step`` of the epoch (one batch
+        without accumulation; fewer than ``accumulate_steps`` for an epoch's last step
+        when its batches do not divide evenly), and add their logs to the epoch's means
+        once (in a multi-process fit, one collective per optimizer step)."""
+        n = min(self.accumulate_steps, self._batches_per_epoch - step * self.accumulate_steps)
+        group = [self._passes.next() for _ in range(n)]
+        shares = self._shares(group)
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        self._last_batch_size = 0
+        try:
+            for i, (batch, (samples, labelled)) in enumerate(zip(group, shares)):
+                last = i == n - 1
+                self._micro = _MicroStep(i == 0, last, samples, labelled)
+                batch = self._augment_batch(batch.to(self.device))
+                self._last_batch_size += len(batch)
+                # DDP: no gradient all-reduce before the last micro-batch (it reduces the sum)
+                no_sync = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
+                with no_sync:
+                    logs = self.train_step(batch)
+                if last and self._grad_norm is not None and "grad_norm" not in logs:  # a train_step of one's own
+                    logs["grad_norm"] = self._grad_norm
+                logs = _to_floats(logs)
+                weights = self._step_weights(batch)
+                if "grad_norm" in logs:  # one per optimizer step; none for a step fp16 skipped (overflow)
+                    weights["grad_norm"] = 1.0 if math.isfinite(logs["grad_norm"]) else 0.0
+                _EpochMeans.weigh(logs, weights, sums, counts)
+        finally:
+            self._micro = None
+        self._means.add(sums, counts)
+
+    @staticmethod
+    def _shares(group: list[Batch]) -> list[tuple[float, float]]:
+        """Each micro-batch's share of the group's samples and of its labelled samples
+        (counted on the batches as the loader gives them: no device synchronisation for
+        data on the CPU)."""
+        if len(group) == 1:
+            return [(1.0, 1.0)]
+        sizes = [float(len(b)) for b in group]
+        labelled = [0.0 if b.targets is None else float((b.targets != UNLABELLED).sum()) for b in group]
+        total, total_labelled = sum(sizes), sum(labelled)
+        return [(n / total, (k / total_labelled) if total_labelled else 0.0) for n, k in zip(sizes, labelled)]
 
     def _agreement_values(self, train: Any, val: Any, **fit_args: Any) -> dict[str, Any]:
         """What must be equal on every process of a multi-process fit for them to train as
@@ -650,6 +884,9 @@ class Trainer:
                 },
                 "scheduler": None if self.scheduler is None else type(self.scheduler).__qualname__,
                 "scheduler_interval": self.scheduler_interval,
+                "precision": self.precision,
+                "accumulate_steps": self.accumulate_steps,
+                "max_grad_norm": self.max_grad_norm,
             },
             "model": {
                 "class": type(self.model).__qualname__,
@@ -679,6 +916,9 @@ class Trainer:
             "modules": {k: m.state_dict() for k, m in self._resumable_modules().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "precision": self.precision,
+            "grad_scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "accumulate_steps": self.accumulate_steps,
             "epoch": epoch,
             "step_in_epoch": step,
             "global_step": self.global_step,
@@ -703,6 +943,13 @@ class Trainer:
 
         if not isinstance(state, dict):
             state = read_training_state(state, map_location=self.device)
+        for key, default, mine in (("accumulate_steps", 1, self.accumulate_steps), ("precision", "fp32", self.precision)):
+            saved = state.get(key, default)  # (a state written before the setting existed: its default)
+            if saved != mine:
+                raise ValueError(
+                    f"the training state was saved with {key}={saved!r} but this {type(self).__name__} is compiled "
+                    f"with {key}={mine!r}: a resumed run would not continue the saved one. Compile with "
+                    f"{key}={saved!r} to resume it")
         modules = self._resumable_modules()
         if set(state["modules"]) != set(modules):
             raise ValueError(
@@ -716,6 +963,8 @@ class Trainer:
             raise ValueError("the training state and this trainer differ in having a scheduler; compile as the saved run did")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("grad_scaler") is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         restored = History.from_dict(state["history"])
         self.history.history, self.history.epoch = restored.history, restored.epoch
@@ -866,6 +1115,9 @@ class Distiller(Trainer):
         scheduler: Any = None,
         scheduler_interval: str = "epoch",
         student_loss_weight: float | None = None,
+        precision: str = "fp32",
+        accumulate_steps: int = 1,
+        max_grad_norm: float | None = None,
     ) -> "Distiller":
         """Configure distillation, with the names and meanings of the Keras example.
 
@@ -901,6 +1153,11 @@ class Distiller(Trainer):
                 reproduces the unscaled form.
             learning_rate: learning rate when ``optimizer`` is a name.
             scheduler, scheduler_interval: as for :meth:`Trainer.compile`.
+            precision, accumulate_steps, max_grad_norm: the student's training step, as
+                for :meth:`Trainer.compile` (the teacher keeps its own precision). With
+                accumulation the hard-label term is weighted by each micro-batch's share
+                of the labelled samples and the distillation term by its share of all
+                samples.
             student_loss_weight: instead of ``alpha``, weigh the terms independently:
                 ``loss = student_loss_weight * student_loss + distillation_loss`` (the
                 distillation losses carry their own weights, e.g. in a
@@ -926,7 +1183,8 @@ class Distiller(Trainer):
                 f"{type(distillation_loss_fn).__name__}(temperature={float(own):g}): the loss owns its temperature. "
                 f"Leave temperature= out, or build the loss with temperature={temperature:g}")
         super().compile(optimizer, loss=student_loss_fn, metrics=metrics, learning_rate=learning_rate,
-                        scheduler=scheduler, scheduler_interval=scheduler_interval)
+                        scheduler=scheduler, scheduler_interval=scheduler_interval, precision=precision,
+                        accumulate_steps=accumulate_steps, max_grad_norm=max_grad_norm)
         teacher_params = {id(p) for p in self.teacher.parameters()}
         if any(id(p) in teacher_params for g in self.optimizer.param_groups for p in g["params"]):
             self.optimizer = None  # not compiled: a later fit must not use this optimizer
@@ -1004,10 +1262,20 @@ class Distiller(Trainer):
             loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         else:
             loss = self.student_loss_weight * student_loss + distillation_loss
-        # 4. update the student
-        self.optimize(loss)
+        # 4. update the student; accumulating, each term counts for this micro-batch's share of
+        #    the samples it is a mean over (the hard-label term: the labelled ones)
+        micro = self.micro_step()
+        if solo or micro.labelled == micro.samples:
+            norm = self.optimize(loss)
+        else:
+            hard, soft = ((self.alpha, 1.0 - self.alpha) if self.student_loss_weight is None
+                          else (self.student_loss_weight, 1.0))
+            norm = self.optimize(hard * micro.labelled * student_loss + soft * micro.samples * distillation_loss,
+                                 weight=1.0)
         logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         logs.update(self.compute_metrics(student_out.logits.detach(), batch))
+        if norm is not None:
+            logs["grad_norm"] = norm
         return logs
 
     def test_step(self, batch: Batch) -> dict[str, torch.Tensor]:

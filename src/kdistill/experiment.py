@@ -66,11 +66,11 @@ from .bench import benchmark_model
 from .callbacks import Callback, JSONLogger, TrainingCheckpoint
 from .checkpoint import (CheckpointError, file_sha256, load_checkpoint, load_weights,
                          read_training_state, save_checkpoint)
-from .config import ExperimentConfig, config_dict, dump_config, load_config
+from .config import SCHEDULES, ExperimentConfig, config_dict, dump_config, load_config
 from .data import load_dataset, split_labelled
 from .data.augment import Compose
 from .data.datasets import DatasetSplits
-from .distiller import Distiller, Trainer, loss_temperatures, tapped_layers
+from .distiller import Distiller, Trainer, check_precision, loss_temperatures, tapped_layers
 from .errors import ConfigError, KDistillError, RunDirectoryError
 from .locks import LockHeld, describe_holder, exclusive_lock
 from .losses.base import DistillationLoss, WeightedSum
@@ -101,7 +101,30 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     d = config_dict(config)
     for key in ("output_dir", "device", "threads", "teacher_store", "checkpoint", "name"):
         d.pop(key, None)
+    d["stages"] = {name: None if stage is None else stage_settings(getattr(config.stages, name))
+                   for name, stage in d["stages"].items()}
     return fingerprint(d)
+
+
+#: Training-step settings of a stage and their defaults (see :func:`stage_settings`).
+STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": None}
+
+
+def stage_settings(stage) -> dict[str, Any]:
+    """A stage's settings as fingerprints hold them: :func:`config_dict`, less the
+    training-step settings (``precision``, ``accumulate_steps``, ``max_grad_norm``) left
+    at their defaults, so a stage trained without them keeps its fingerprint (and a
+    stored teacher stays reusable); setting one makes it another stage."""
+    d = config_dict(stage)
+    for key, default in STEP_DEFAULTS.items():
+        if d.get(key, default) == default:
+            d.pop(key, None)
+    return d
+
+
+def step_settings(stage) -> dict[str, Any]:
+    """``compile``'s training-step keywords from a stage's settings."""
+    return {key: getattr(stage, key) for key in STEP_DEFAULTS}
 
 
 def default_store() -> Path:
@@ -134,29 +157,41 @@ def build_model(spec, data: DatasetSplits) -> nn.Module:
 
 
 def build_optimizer(spec, params) -> torch.optim.Optimizer:
-    return spec.resolve()(params, **spec.kwargs)
+    """The optimizer of a config's spec (a named one without ``lr`` gets the default
+    learning rate of :data:`kdistill.distiller.OPTIMIZERS`, as ``compile`` gives it)."""
+    lr = spec.default_lr()
+    return spec.resolve()(params, **spec.kwargs, **({} if lr is None else {"lr": lr}))
 
 
 def build_schedule(spec, epochs: int, steps_per_epoch: int):
-    """``(factory(optimizer) -> scheduler or None, interval)``."""
+    """``(factory(optimizer) -> scheduler or None, interval)``.
+
+    Args:
+        spec: the stage's schedule; a built-in's keywords default to
+            :data:`kdistill.config.SCHEDULES`.
+        epochs: the stage's epochs.
+        steps_per_epoch: optimizer steps per epoch (with gradient accumulation, fewer
+            than batches), what a schedule stepped every step counts.
+    """
     interval = spec.interval
     if spec.component is not None:
         cls = spec.resolve()
         return (lambda opt: cls(opt, **spec.kwargs)), interval
-    kw = spec.kwargs
+    kw = {**SCHEDULES[spec.name], **spec.kwargs}
     sched = torch.optim.lr_scheduler
     if spec.name == "constant":
         return None, "epoch"
     if spec.name == "step":
-        return (lambda opt: sched.StepLR(opt, step_size=kw.get("step_size", 30), gamma=kw.get("gamma", 0.1))), "epoch"
+        return (lambda opt: sched.StepLR(opt, step_size=kw["step_size"], gamma=kw["gamma"])), "epoch"
     if spec.name == "multistep":
-        return (lambda opt: sched.MultiStepLR(opt, milestones=kw.get("milestones", [epochs // 2]), gamma=kw.get("gamma", 0.1))), "epoch"
+        milestones = kw["milestones"] if kw["milestones"] is not None else [epochs // 2]
+        return (lambda opt: sched.MultiStepLR(opt, milestones=milestones, gamma=kw["gamma"])), "epoch"
     # cosine over every optimizer step of the stage, after an optional linear warm-up
     total = epochs * steps_per_epoch
-    warm = int(round(kw.get("warmup_epochs", 0) * steps_per_epoch))
+    warm = int(round(kw["warmup_epochs"] * steps_per_epoch))
 
     def cosine(opt):
-        decay = sched.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=kw.get("eta_min", 0.0))
+        decay = sched.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=kw["eta_min"])
         if warm <= 0:
             return decay
         return sched.SequentialLR(opt, [sched.LinearLR(opt, start_factor=1e-3, total_iters=warm), decay], milestones=[warm])
@@ -682,7 +717,8 @@ def open_teacher_cache(ctx: _Context, loss: DistillationLoss, teacher: nn.Module
 def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.device) -> None:
     """Check, before anything trains, what would otherwise fail minutes into a run: labels
     outside the class range, teacher and student (and assistant) scoring different classes,
-    a loss's settings, a layer a loss taps that does not exist. Each distillation stage's
+    a loss's settings, a layer a loss taps that does not exist, a stage's ``precision`` the
+    device cannot train in (fp16 off CUDA). Each distillation stage's
     set-up runs once on two training samples with freshly built models (nothing is kept,
     the random streams are restored).
 
@@ -692,6 +728,15 @@ def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.devic
     from .outputs import Batch
     from .runtime import rng_state, set_rng_state
 
+    stages = config.stages
+    for where in STAGES:  # a precision this device cannot train in (fp16 off CUDA)
+        stage = getattr(stages, where)
+        trained = stage is not None and stage.epochs != 0 and getattr(stage, "enabled", True)
+        if trained:
+            try:
+                check_precision(stage.precision, device)
+            except ValueError as e:
+                raise ConfigError(f"stages.{where}.precision: {e}") from None
     n = data.num_classes
     for split, y in (("training", data.y_train), ("test", data.y_test)):
         y = np.asarray(y)
@@ -829,8 +874,9 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
         seed_everything(config.seed)  # scratch and distilled students start from the same weights
         return build_model(spec, data)
 
-    def steps(n_samples: int, batch: int) -> int:
-        return -(-n_samples // batch)
+    def steps(n_samples: int, batch: int, accumulate: int = 1) -> int:
+        """Optimizer steps per epoch: one per ``accumulate`` batches (the last on the rest)."""
+        return -(-(-(-n_samples // batch)) // accumulate)
 
     # 2. the teacher: a checkpoint used as it is, or trained (fine-tuned from the
     #    checkpoint, if one is given) on the full training set
@@ -850,14 +896,15 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
             results["teacher"] = {"fingerprint": t_fp, "seconds": 0.0, "history": None, "reused": str(path)}
         else:
             t_batch = ts.batch_size or d.batch_size
-            t_fp = fingerprint("teacher", ctx.data_fp, config.teacher.dump(), config_dict(ts), t_batch, aug_id,
+            t_fp = fingerprint("teacher", ctx.data_fp, config.teacher.dump(), stage_settings(ts), t_batch, aug_id,
                                config.seed, *([source["sha256"]] if source else []))
 
             def teacher_trainer() -> Trainer:
-                sched, interval = build_schedule(ts.schedule, ts.epochs, steps(len(x_train), t_batch))
+                sched, interval = build_schedule(ts.schedule, ts.epochs, steps(len(x_train), t_batch, ts.accumulate_steps))
                 t = Trainer(teacher, device=device)
                 return t.compile(build_optimizer(ts.optimizer, teacher.parameters()), metrics=["accuracy"],
-                                 temperature=ts.temperature, scheduler=sched, scheduler_interval=interval)
+                                 temperature=ts.temperature, scheduler=sched, scheduler_interval=interval,
+                                 **step_settings(ts))
 
             results["teacher"] = _run_stage(
                 ctx, "teacher", t_fp, teacher, teacher_trainer,
@@ -868,22 +915,22 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     student_id = (ctx.data_fp, config.student.dump(), d.subset, aug_id, config.seed)
     ds = stages.distil
     d_batch = ds.batch_size or d.batch_size
-    d_steps = steps(len(x_lab) + (0 if x_unl is None else len(x_unl)), d_batch)
+    d_steps = steps(len(x_lab) + (0 if x_unl is None else len(x_unl)), d_batch, ds.accumulate_steps)
     scratch = None
     if stages.scratch.enabled:
         ss = stages.scratch
         s_batch = ss.batch_size or d.batch_size
         # with unlabelled data the distilled student takes more steps per epoch; give the
-        # scratch student as many (cycling its labelled samples), so neither is short of optimisation
+        # scratch student as many optimizer steps (cycling its labelled samples), so neither is short of optimisation
         s_steps = d_steps if (x_unl is not None and ss.match_steps) else None
-        s_fp = fingerprint("scratch", student_id, config_dict(ss), s_batch, s_steps)
+        s_fp = fingerprint("scratch", student_id, stage_settings(ss), s_batch, s_steps)
         scratch = build(config.student)
 
         def scratch_trainer() -> Trainer:
-            sched, interval = build_schedule(ss.schedule, ss.epochs, s_steps or steps(len(x_lab), s_batch))
+            sched, interval = build_schedule(ss.schedule, ss.epochs, s_steps or steps(len(x_lab), s_batch, ss.accumulate_steps))
             t = Trainer(scratch, device=device)
             return t.compile(build_optimizer(ss.optimizer, scratch.parameters()), metrics=["accuracy"],
-                             scheduler=sched, scheduler_interval=interval)
+                             scheduler=sched, scheduler_interval=interval, **step_settings(ss))
 
         with stage_clock("scratch"):
             results["scratch"] = _run_stage(
@@ -896,11 +943,12 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
         """Distil ``student`` from ``source`` (the teacher, or the assistant) with ``stage``'s settings."""
         batch = stage.batch_size or d.batch_size
         model_id = student_id if name == "distil" else (ctx.data_fp, stage.model.dump(), d.subset, aug_id, config.seed)
-        fp = fingerprint(name, model_id, config_dict(stage), batch, d.unlabelled, source_fp)
+        fp = fingerprint(name, model_id, stage_settings(stage), batch, d.unlabelled, source_fp)
 
         def trainer() -> Trainer:
             loss = build_losses(stage)
-            sched, interval = build_schedule(stage.schedule, stage.epochs, steps(len(x_lab) + (0 if x_unl is None else len(x_unl)), batch))
+            sched, interval = build_schedule(stage.schedule, stage.epochs, steps(
+                len(x_lab) + (0 if x_unl is None else len(x_unl)), batch, stage.accumulate_steps))
             # the stage's teacher: the network itself, or the cache of its outputs built before the Distiller
             cached = (open_teacher_cache(ctx, loss, source, source_fp, stage, name)
                       if stage.teacher_cache is not None else source)
@@ -908,7 +956,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
             params = list(student.parameters()) + [p for p in loss.parameters() if p.requires_grad]
             dist.compile(build_optimizer(stage.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
                          alpha=stage.alpha, scheduler=sched, scheduler_interval=interval,  # the losses own T
-                         student_loss_weight=stage.student_loss_weight)
+                         student_loss_weight=stage.student_loss_weight, **step_settings(stage))
             return dist
 
         with stage_clock(name):

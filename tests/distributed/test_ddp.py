@@ -84,6 +84,21 @@ def test_two_processes_follow_the_one_process_run(tmp_path):
     assert_same_weights(out1 / "student.pt", out2 / "student.pt")
 
 
+def test_two_processes_accumulating_follow_one_process_on_the_whole_batch(tmp_path):
+    # one process, global batches of 32; two processes, each optimizer step on two micro-batches
+    # of 16 (8 samples per process each): the gradient of the same 32 samples, clipped alike
+    one, out1 = run_case(tmp_path, "whole", 1)
+    two, out2 = run_case(tmp_path, "accumulate", 2)
+    assert two[0]["wrappers"] == ["DistributedDataParallel"]
+    assert len(two[0]["seen"]) == 2 * len(one[0]["seen"])  # micro-batches
+    assert two[0]["reductions"] == len(one[0]["seen"])  # one gradient all-reduce per optimizer step (no_sync)
+    assert two[0]["history"] == two[1]["history"]
+    for key, values in one[0]["history"].items():  # the means over samples, grad_norm over optimizer steps
+        assert two[0]["history"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
+    assert "grad_norm" in two[0]["history"]
+    assert_same_weights(out1 / "student.pt", out2 / "student.pt")
+
+
 def test_a_cached_teacher_is_shared_by_the_processes(tmp_path):
     one, out1 = run_case(tmp_path, "cache", 1)
     two, out2 = run_case(tmp_path, "cache", 2)

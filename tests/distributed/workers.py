@@ -10,7 +10,9 @@ teacher scores other classes: every process must fail, quickly, naming rank 1),
 for another number of epochs: every process must fail at the start of fit, naming the
 key), ``agreement`` (``check_agreement`` called directly with values that differ on rank
 1), ``resume`` (an uninterrupted fit, then one stopped mid-epoch on every rank after a
-TrainingCheckpoint save and resumed from it: both histories are recorded).
+TrainingCheckpoint save and resumed from it: both histories are recorded), ``whole`` /
+``accumulate`` (``distil`` with gradient clipping, on global batches of 32, or on two
+accumulated micro-batches of 16 each).
 """
 
 from __future__ import annotations
@@ -45,7 +47,21 @@ def models(classes: int = C):
 
 
 class Recording(Distiller):
-    """Records what each step saw: the samples, the wrapper the student ran in."""
+    """Records what each step saw: the samples, the wrapper the student ran in, and how
+    many gradient all-reduces DDP made."""
+
+    reductions = 0
+
+    def _wrap_for_processes(self):
+        super()._wrap_for_processes()
+        if self._ddp is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting(state, bucket):
+                self.reductions += 1
+                return allreduce_hook(state, bucket)
+
+            self._ddp.register_comm_hook(None, counting)
 
     def train_step(self, batch):
         self.seen.append(batch.index.tolist())
@@ -53,18 +69,18 @@ class Recording(Distiller):
         return super().train_step(batch)
 
 
-def distil(out: Path, teacher, student, x, y, loss, epochs: int = 2) -> dict:
+def distil(out: Path, teacher, student, x, y, loss, epochs: int = 2, batch: int = BATCH, **step) -> dict:
     d = Recording(student=student, teacher=teacher, device="cpu")
     d.seen, d.wrappers = [], set()
     d.compile(torch.optim.Adam(student.parameters(), lr=0.01), metrics=["accuracy"], alpha=0.3,
-              distillation_loss_fn=loss)  # the loss owns its temperature
-    history = d.fit(x, y, epochs=epochs, batch_size=BATCH, seed=0, verbose=0, validation_data=(x[:50], y[:50]))
+              distillation_loss_fn=loss, **step)  # the loss owns its temperature
+    history = d.fit(x, y, epochs=epochs, batch_size=batch, seed=0, verbose=0, validation_data=(x[:50], y[:50]))
     weights = {k: v.clone() for k, v in student.state_dict().items()}
     weights.update({f"loss.{k}": v.clone() for k, v in d.distillation_loss.state_dict().items()})
     if distributed.is_main():
         torch.save(weights, out / "student.pt")
     live = getattr(d.teacher, "module", None)
-    return {"seen": d.seen, "wrappers": sorted(d.wrappers), "history": history.history,
+    return {"seen": d.seen, "wrappers": sorted(d.wrappers), "history": history.history, "reductions": d.reductions,
             "teacher_wrapped": live is not None and not isinstance(live, nn.Sequential),
             "teacher_trainable": live is not None and any(p.requires_grad for p in live.parameters())}
 
@@ -157,6 +173,13 @@ def main() -> None:
         result["same"] = same
     elif case == "resume":
         result = resume(out, x, y)
+    elif case in ("whole", "accumulate"):
+        teacher, student = models()
+        loss = WeightedSum({"kd": (KDLoss(temperature=4), 1.0),
+                            "hint": (HintLoss(student_layer="0", teacher_layer="0"), 0.5)})
+        step = dict(batch=BATCH, max_grad_norm=0.5) if case == "whole" else \
+            dict(batch=BATCH // 2, accumulate_steps=2, max_grad_norm=0.5)
+        result = distil(out, teacher, student, x, y, loss, **step)
     # one file per process (their stdout lines would interleave in torchrun's output)
     record = {"rank": distributed.rank(), "world": distributed.world_size(), **result}
     (out / f"result-{distributed.rank()}.json").write_text(json.dumps(record))
