@@ -13,8 +13,8 @@ from kdistill.checkpoint import read_training_state
 from kdistill.config import SCHEDULES, OptimizerSpec, ScheduleSpec, validate_config
 from kdistill.distiller import OPTIMIZERS
 from kdistill.errors import ConfigError
-from kdistill.experiment import (build_optimizer, build_schedule, config_fingerprint, run_experiment,
-                                 stage_settings)
+from kdistill.experiment import build_optimizer, build_schedule, run_experiment
+from kdistill.run.fingerprints import config_fingerprint, stage_settings
 
 
 def _stages(tmp_path, **distil):

@@ -111,7 +111,7 @@ def test_a_diverged_run_finishes_with_a_warning_in_the_log_and_the_report(tmp_pa
 
 
 def test_training_warnings_read_the_numbers():
-    from kdistill.experiment import training_warnings
+    from kdistill.run.measure import training_warnings
 
     ok = {"dataset": {"num_classes": 10}, "models": {"distil": {"test_accuracy": 0.9}},
           "histories": {"distil": {"history": {"loss": [1.0, 0.5]}}}}

@@ -199,7 +199,7 @@ def test_a_flipped_training_state_restarts_the_stage(reference, tmp_path):
 # --------------------------------------------------------------------------- 2. the lock
 _HOLD = textwrap.dedent("""
     import sys, time
-    from kdistill.locks import exclusive_lock
+    from kdistill.run.locks import exclusive_lock
     with exclusive_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)

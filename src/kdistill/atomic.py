@@ -11,7 +11,7 @@ Each writer here takes the same path to the disk:
 
 A crash at any moment leaves the old file or the new one. On an error the temporary file is
 removed; one left by a killed process keeps its ``.NAME.XXXXXXXX.tmp`` name, which a
-continued run removes (:func:`kdistill.experiment.remove_stale_temp_files`).
+continued run removes (:func:`kdistill.run.directory.remove_stale_temp_files`).
 
 Writers:
 

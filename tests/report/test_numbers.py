@@ -2,7 +2,7 @@
 
 import pytest
 
-from kdistill import experiment
+from kdistill.run import measure
 from kdistill.report import numbers
 
 
@@ -33,9 +33,9 @@ def test_no_scratch_student_gives_no_numbers():
 def test_the_runner_records_these_numbers(tmp_path):
     import json
 
-    assert experiment.headline_numbers is numbers.headline_numbers
+    assert measure.headline_numbers is numbers.headline_numbers
     models = _models(teacher=0.870, scratch=0.873, distil=0.856)
     stale = {"models": models, "distillation_gain_points": 0.0, "accuracy_recovered": 6.69}
-    fixed = experiment.refresh_metrics(tmp_path, stale)
+    fixed = measure.refresh_metrics(tmp_path, stale)
     assert fixed["distillation_gain_points"] == pytest.approx(-1.7) and fixed["accuracy_recovered"] is None
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy_recovered"] is None

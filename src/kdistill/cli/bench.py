@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.target)
     results: dict[str, dict] = {}
     if target.is_dir():
-        from ..experiment import load_data, load_stage_model, read_run_config
+        from ..experiment import load_data, load_stage_model
+        from ..run.directory import read_run_config
 
         config = read_run_config(target)
         data = load_data(config)

@@ -66,7 +66,8 @@ def _source(args: argparse.Namespace):
     """``(config, data, teacher)`` of a run directory or a config with a teacher checkpoint."""
     from ..checkpoint import load_weights
     from ..config import load_config
-    from ..experiment import build_model, load_data, load_stage_model, read_run_config
+    from ..experiment import build_model, load_data, load_stage_model
+    from ..run.directory import read_run_config
 
     src = Path(args.source)
     if src.is_dir():

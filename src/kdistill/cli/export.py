@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import load_data, load_stage_model, read_run_config
+    from ..experiment import load_data, load_stage_model
+    from ..run.directory import read_run_config
     from ..export import check_parity, evaluate_exported, export_onnx, export_torchscript, quantize_int8, require_extra
 
     # 1. set up: the model and held-out data

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     target = Path(args.model)
     if target.is_dir():
-        from ..experiment import load_data, load_stage_model, read_run_config
+        from ..experiment import load_data, load_stage_model
+        from ..run.directory import read_run_config
 
         data = load_data(read_run_config(target))
         model = load_stage_model(target, args.stage, data=data)

@@ -29,7 +29,7 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import refresh_metrics, write_run_report
+    from ..run.measure import refresh_metrics, write_run_report
 
     run_dir = Path(args.run_dir)
     paths = write_run_report(run_dir, refresh_metrics(run_dir, read_metrics(run_dir)))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import RunDirectoryError
-from ..experiment import read_run_config, run_experiment
+from ..experiment import run_experiment
+from ..run.directory import read_run_config
 from ..report import comparison_table
 from ..report.content import stage_label
 

@@ -4,8 +4,8 @@ A lock is ``fcntl.flock`` on a small file. The kernel releases a ``flock`` when 
 process holding it dies (SIGKILL included), so the lock itself says whether it is held; a
 lock file left behind by a dead process is simply taken over. The file's content only
 describes the holder (pid, host, start time, command), for the message another process
-gets. (``kdistill.teacher.cache._build_lock`` uses the same idea, blocking, for cache
-builds.)
+gets. (The teacher cache's build, :mod:`kdistill.teacher.cache.build`, uses the same idea,
+blocking, for cache builds.)
 
 Where ``fcntl`` does not exist (Windows) no lock is taken.
 """

@@ -1,0 +1,62 @@
+"""What makes two stages, or two runs, the same: short hashes of their settings and data.
+
+A stage's fingerprint decides whether a finished stage (in this run directory or the stage
+store) is reused; the run's decides whether a run directory holds this experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from ..config import ExperimentConfig, config_dict
+from ..data.datasets import DatasetSplits
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-serialisable parts (keys sorted)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(data: DatasetSplits) -> str:
+    """Hash of the arrays themselves: two runs share a stage only on the same data."""
+    h = hashlib.sha256(data.name.encode())
+    for arr in (data.x_train, data.y_train, data.x_test, data.y_test):
+        a = np.ascontiguousarray(arr)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def config_fingerprint(config: ExperimentConfig) -> str:
+    """What makes two runs the same experiment (not where they run or how often they save)."""
+    d = config_dict(config)
+    for key in ("output_dir", "device", "threads", "teacher_store", "checkpoint", "name"):
+        d.pop(key, None)
+    d["stages"] = {name: None if stage is None else stage_settings(getattr(config.stages, name))
+                   for name, stage in d["stages"].items()}
+    return fingerprint(d)
+
+
+#: Training-step settings of a stage and their defaults (see :func:`stage_settings`).
+STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": None}
+
+
+def stage_settings(stage) -> dict[str, Any]:
+    """A stage's settings as fingerprints hold them: :func:`config_dict`, less the
+    training-step settings (``precision``, ``accumulate_steps``, ``max_grad_norm``) left
+    at their defaults, so a stage trained without them keeps its fingerprint (and a
+    stored teacher stays reusable); setting one makes it another stage."""
+    d = config_dict(stage)
+    for key, default in STEP_DEFAULTS.items():
+        if d.get(key, default) == default:
+            d.pop(key, None)
+    return d
+
+
+def step_settings(stage) -> dict[str, Any]:
+    """``compile``'s training-step keywords from a stage's settings."""
+    return {key: getattr(stage, key) for key in STEP_DEFAULTS}

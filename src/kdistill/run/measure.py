@@ -1,0 +1,116 @@
+"""Measuring a finished run: accuracies, agreement with the teacher, size and speed, the
+warnings a failed training leaves, and the report written from them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..atomic import atomic_write_text
+from ..bench import benchmark_model
+from ..config import config_dict
+from ..distiller import Trainer
+from ..report.content import stage_label
+from ..report.numbers import headline_numbers
+from ..runtime import machine_description
+from .store import StageContext
+
+
+class StageClock:
+    """Wall-clock seconds this invocation spent on each stage (cache builds included)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def training_warnings(metrics: dict) -> list[str]:
+    """What in a finished run looks like failed training, one sentence each: a model at
+    chance accuracy, or a stage whose training loss ended far above its first epoch's
+    (a diverged optimisation, e.g. a learning rate orders of magnitude too high).
+    The run still finishes; the log and the report say it."""
+    out = []
+    n = (metrics.get("dataset") or {}).get("num_classes") or 0
+    for name, m in (metrics.get("models") or {}).items():
+        acc = m.get("test_accuracy")
+        if n > 1 and acc is not None and acc <= 1.5 / n:
+            out.append(f"{stage_label(name)} is at chance accuracy ({100 * acc:.2f}% with {n} classes): its "
+                       f"training failed; check stages.{name}.optimizer (a learning rate far too high diverges) "
+                       "and the data")
+    for name, record in (metrics.get("histories") or {}).items():
+        loss = [v for v in ((record or {}).get("history") or {}).get("loss") or [] if v is not None]
+        if len(loss) >= 2 and loss[-1] > 10 * max(loss[0], 1e-8):
+            out.append(f"the {stage_label(name)} stage's training loss ended at {loss[-1]:.4g}, more than 10x its "
+                       f"first epoch's ({loss[0]:.4g}): the optimisation diverged; lower stages.{name}.optimizer.lr")
+    return out
+
+
+def predict_classes(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    return Trainer(model, device=device).predict(x, batch_size=batch_size).argmax(-1)
+
+
+def measure(ctx: StageContext, models: dict[str, nn.Module], results: dict[str, dict], x_test, y_test, x_lab, x_unl) -> dict:
+    cfg, data = ctx.config, ctx.data
+    preds = {name: predict_classes(m, x_test, ctx.device, cfg.data.eval_batch_size) for name, m in models.items()}
+    out: dict[str, dict] = {}
+    for name, model in models.items():
+        # latency and throughput are the CPU's, whatever trained the model, in the ordinary
+        # memory format (a live teacher may have run channels-last)
+        model.to("cpu", memory_format=torch.contiguous_format)
+        out[name] = {
+            "test_accuracy": float((preds[name] == y_test).float().mean()),
+            **benchmark_model(model, data.input_shape, latency_batch=cfg.report.latency_batch,
+                              throughput_batch=cfg.report.throughput_batch, repeats=cfg.report.repeats),
+            "train_seconds": results[name]["seconds"],
+            "reused": results[name]["reused"],
+        }
+    gain, recovered = headline_numbers(out)
+    n = data.num_classes
+    confusion = torch.bincount(y_test * n + preds["distil"], minlength=n * n).reshape(n, n)
+    return {
+        "kdistill_version": __version__,
+        "name": cfg.name,
+        "config": config_dict(cfg),
+        "dataset": {"name": data.name, "train": len(data.x_train), "labelled": len(x_lab),
+                    "unlabelled": 0 if x_unl is None else len(x_unl), "test": len(x_test),
+                    "num_classes": n, "class_names": list(data.classes) or None, "input_shape": list(data.input_shape)},
+        "stages": list(models),
+        "models": out,
+        "distillation_gain_points": gain,
+        "accuracy_recovered": recovered,
+        "agreement": {k: float((preds[k] == preds["teacher"]).float().mean()) for k in models if k != "teacher"},
+        "confusion_matrix": confusion.tolist(),
+        "histories": {k: r["history"] for k, r in results.items() if r.get("history")},
+        "fingerprints": {k: r["fingerprint"] for k, r in results.items()},
+        "machine": machine_description(),
+    }
+
+
+def write_run_report(run_dir: Path, metrics: dict) -> dict[str, Path]:
+    """``report.md`` and ``report.html`` (with figures) of a run from its metrics."""
+    from ..report.html import write_report
+
+    return write_report(run_dir, metrics)
+
+
+def refresh_metrics(run_dir: Path, metrics: dict) -> dict:
+    """Recompute the derived numbers of ``metrics.json`` (written by an older kdistill)
+    from the measured accuracies; rewrites the file when they changed."""
+    gain, recovered = headline_numbers(metrics.get("models", {}))
+    if (metrics.get("distillation_gain_points"), metrics.get("accuracy_recovered")) != (gain, recovered):
+        metrics = {**metrics, "distillation_gain_points": gain, "accuracy_recovered": recovered}
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
