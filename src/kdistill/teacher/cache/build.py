@@ -106,37 +106,21 @@ def _build_lock(path: Path) -> Iterator[None]:
 
 
 
-def build_cache(
-    teacher: nn.Module,
-    x: torch.Tensor | np.ndarray,
-    path: str | os.PathLike,
-    *,
-    mode: str = "full",
-    k: int | None = None,
-    dtype: str = "float16",
-    batch_size: int = 256,
-    features: Iterable[str] = (),
-    device: str | torch.device | None = None,
-    dataset_name: str | None = None,
-    tail_temperatures: Iterable[float] = (),
-    views: int = 0,
-    augment: Any = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    resume: bool = True,
-) -> Path:
-    """Build the cache :meth:`~kdistill.teacher.TeacherCache.build` describes (arguments
-    as there), taking turns with other builds of ``path``.
+def build_cache(teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os.PathLike, **settings: Any) -> Path:
+    """Build the cache :meth:`~kdistill.teacher.TeacherCache.build` describes, taking turns
+    with other builds of ``path``.
+
+    Args:
+        teacher, x, path: as for :meth:`~kdistill.teacher.TeacherCache.build`.
+        **settings: every keyword of :meth:`~kdistill.teacher.TeacherCache.build` (that
+            method owns their defaults).
 
     Returns:
         The finished cache directory (built now, or found there with the same teacher,
         data and settings and its checksums verified).
     """
-    args = dict(mode=mode, k=k, dtype=dtype, batch_size=batch_size, features=features, device=device,
-                dataset_name=dataset_name, tail_temperatures=tail_temperatures, views=views, augment=augment,
-                seed=seed, overwrite=overwrite, resume=resume)
     with _build_lock(Path(path)):
-        return _build_here(teacher, x, path, **args)
+        return _build_here(teacher, x, path, **settings)
 
 
 def _build_here(teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os.PathLike, *, mode: str,
