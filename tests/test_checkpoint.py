@@ -126,3 +126,78 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(p, "second\n")
     assert p.read_text() == "second\n"
     assert [x.name for x in p.parent.iterdir()] == ["b.txt"]
+
+
+# ------------------------------------------------------------------ safetensors weights
+
+
+def test_save_weights_round_trips_through_load_weights(tmp_path):
+    from safetensors import safe_open
+
+    from kdistill.checkpoint import load_weights, save_weights
+
+    model, _ = _trained_student(0)
+    path = save_weights(tmp_path / "sub" / "student.safetensors", model, metadata={"stage": "distil"})
+    assert path == tmp_path / "sub" / "student.safetensors"
+    assert [p.name for p in path.parent.iterdir()] == ["student.safetensors"]  # no temp file left
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["model_name"] == "classic_student" and meta["stage"] == "distil"
+
+    other, _ = _trained_student(1)
+    info = load_weights(path, other)
+    assert info["format"] == "safetensors" and info["tensors"] == len(model.state_dict())
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_save_weights_stores_tied_weights_once_and_loads_them_back(tmp_path):
+    from kdistill.checkpoint import load_weights, save_weights
+
+    def tied():
+        m = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    torch.manual_seed(0)
+    model = tied()
+    save_weights(tmp_path / "tied.safetensors", model)
+    other = tied()
+    load_weights(tmp_path / "tied.safetensors", other)
+    assert torch.equal(other[0].weight, model[0].weight) and other[1].weight is other[0].weight
+
+
+def test_load_weights_refuses_saved_weights_of_another_model(tmp_path):
+    from kdistill.checkpoint import load_weights, save_weights
+
+    model, _ = _trained_student(0)
+    path = save_weights(tmp_path / "student.safetensors", model)
+    wrong = build_model("classic_teacher", input_size=8)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"do not fit model 'classic_teacher'.*Nothing was loaded"):
+        load_weights(path, wrong)
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())  # unchanged
+
+
+def test_save_weights_replaces_a_file_atomically_and_checks_its_input(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from kdistill.checkpoint import load_weights, save_weights
+
+    model, _ = _trained_student(0)
+    path = save_weights(tmp_path / "w.safetensors", model)
+    old = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_weights(path, _trained_student(1)[0])
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    monkeypatch.undo()
+    load_weights(path, _trained_student(2)[0])
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        save_weights(tmp_path / "x.safetensors", {"w": torch.zeros(1)})
+    with pytest.raises(TypeError, match="metadata maps strings to strings"):
+        save_weights(tmp_path / "x.safetensors", model, metadata={"epoch": 3})

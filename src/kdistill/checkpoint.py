@@ -8,7 +8,8 @@ checkpoint, a plain PyTorch ``state_dict`` file (also nested in a Lightning-styl
 with the ``module.`` / ``_orig_mod.`` prefix of DDP and ``torch.compile``) or a
 ``.safetensors`` file, never unpickles code (``weights_only``), and loads strictly: every
 tensor of the model must be in the file with its shape, or nothing is loaded and the error
-lists what differs.
+lists what differs. :func:`save_weights` writes a student's or teacher's weights as a
+``.safetensors`` file (tensors only, no pickled code), atomically.
 
 Every checkpoint and training state carries ``content_sha256``, a SHA-256 of everything it
 holds (tensor bytes, shapes, dtypes and the other values), checked whenever it is read:
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_torch_save
+from .atomic import atomic_torch_save, replace_durably, temp_path_beside
 from .errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"
@@ -216,6 +217,53 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 #: ``self.model``. One is stripped only when every key has it and the result fits the model.
 STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 _SHOW = 5  # how many keys an error message lists
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Save a model's weights (a student's or a teacher's) as a safetensors file, atomically.
+
+    The file holds the ``state_dict``'s tensors and nothing that runs code; it loads back
+    with :func:`load_weights` (which checks every name and shape against the model it
+    loads into), or with ``safetensors.torch.load_model`` elsewhere. Tensors that share
+    memory (tied weights) are stored once, as ``safetensors.torch.save_model`` does;
+    :func:`load_weights` fills the other names from it. The header's metadata records
+    ``format: pt``, ``kdistill_version`` and ``model_name``, plus ``metadata``.
+
+    Args:
+        path: the file to write (by convention ending ``.safetensors``); its folder is
+            created if missing. Written as a temporary file beside it, then renamed.
+        model: the network (for a :class:`~kdistill.teacher.LiveTeacher`, its ``module``).
+        metadata: more ``{str: str}`` entries for the file's header.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``metadata`` holds non-strings.
+        CheckpointError: the ``state_dict`` holds entries that are not tensors (extra
+            state): safetensors stores tensors only; use :func:`save_checkpoint`.
+    """
+    from safetensors.torch import save_model
+
+    from . import __version__
+
+    if not isinstance(model, nn.Module):
+        hint = " (a LiveTeacher: pass its .module)" if isinstance(getattr(model, "module", None), nn.Module) else ""
+        raise TypeError(f"model must be a torch.nn.Module{hint}, got {type(model).__name__}")
+    extra = dict(metadata or {})
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in extra.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata maps strings to strings; these entries are not: {', '.join(bad[:_SHOW])}")
+    not_tensors = [k for k, v in model.state_dict().items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{model_name(model)}'s state_dict holds entries that are not tensors ({', '.join(not_tensors[:_SHOW])}), "
+            "which a safetensors file cannot store; save it with kdistill.checkpoint.save_checkpoint instead")
+    header = {"format": "pt", "kdistill_version": __version__, "model_name": model_name(model), **extra}
+    path = Path(path)
+    with temp_path_beside(path, suffix=".tmp.safetensors") as tmp:
+        save_model(model, str(tmp), metadata=header, force_contiguous=True)
+        return replace_durably(tmp, path)
 
 
 def load_weights(
