@@ -32,6 +32,9 @@ from kdistill.models import build_model
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason='needs the export extra: pip install "kdistill[export]"')
 
+# the TorchScript paths are deprecated upstream (tests/test_export_pt2.py checks the warning)
+pytestmark = pytest.mark.filterwarnings("ignore:TorchScript.*deprecated in PyTorch:DeprecationWarning")
+
 SHAPE = (1, 8, 8)
 CLASSES = 4
 

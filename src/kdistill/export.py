@@ -1,4 +1,5 @@
-"""Export a trained model for deployment: ONNX, TorchScript, int8; and check the export.
+"""Export a trained model for deployment: ONNX, ``torch.export`` (.pt2), int8; and check
+the export.
 
 The path from a trained student to a file a server can run::
 
@@ -15,9 +16,14 @@ new one, never half of one.
 
 ONNX export uses ``torch.onnx.export(..., dynamo=True)`` (the exporter built on
 ``torch.export``, the default since PyTorch 2.9; it needs ``onnxscript``) and falls back to
-the older TorchScript-based exporter if that fails. TorchScript (``torch.jit``) is
-deprecated upstream but still the simplest single-file format that runs without Python
-source; it is kept for deployments that load models with libtorch.
+the older TorchScript-based exporter if that fails. :func:`export_pt2` writes PyTorch's
+own deployment format: ``torch.export.export`` then ``torch.export.save`` (a ``.pt2``
+file that ``torch.export.load`` reads, for AOTInductor or ExecuTorch; no extra needed).
+
+**Deprecated upstream:** :func:`export_torchscript` (``torch.jit.trace``) and TorchScript
+int8 (:func:`quantize_int8` to a ``.pt`` file: ``torch.ao.quantization.quantize_dynamic``)
+use APIs PyTorch deprecates; they are kept for deployments that load models with libtorch,
+and issue a ``DeprecationWarning`` when called. Prefer ``.pt2`` or ONNX (and ONNX int8).
 
 ``onnx``, ``onnxruntime`` and ``onnxscript`` are optional (``pip install
 "kdistill[export]"``) and imported only inside the functions that need them, so
@@ -48,7 +54,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth", ".torchscript")
-# the per-sample input shape, stored inside TorchScript files (ONNX files carry it in the graph)
+PT2_SUFFIXES = (".pt2",)
+# the per-sample input shape, stored inside TorchScript and .pt2 files (ONNX files carry it in the graph)
 _TS_META = "kdistill_input_shape"
 
 
@@ -92,8 +99,8 @@ def export_format(path: str | os.PathLike) -> str:
         path: the file (it need not exist).
 
     Returns:
-        ``"onnx"`` for ``.onnx``; ``"torchscript"`` for ``.pt``, ``.ts``, ``.pth``,
-        ``.torchscript``.
+        ``"onnx"`` for ``.onnx``; ``"pt2"`` for ``.pt2`` (``torch.export``);
+        ``"torchscript"`` for ``.pt``, ``.ts``, ``.pth``, ``.torchscript``.
 
     Raises:
         ValueError: for any other suffix (the message lists the known ones).
@@ -101,11 +108,14 @@ def export_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return "onnx"
+    if suffix in PT2_SUFFIXES:
+        return "pt2"
     if suffix in TORCHSCRIPT_SUFFIXES:
         return "torchscript"
     raise ValueError(
         f"unknown export format for {str(path)!r}: expected a file ending in "
-        f"{', '.join(ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES)} (.onnx for ONNX, the others for TorchScript)"
+        f"{', '.join(ONNX_SUFFIXES + PT2_SUFFIXES + TORCHSCRIPT_SUFFIXES)} (.onnx for ONNX, .pt2 for "
+        f"torch.export, the others for TorchScript)"
     )
 
 
@@ -114,7 +124,7 @@ def _existing_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(
-            f"exported model {str(path)!r} {what}; export one first with export_onnx() or export_torchscript()"
+            f"exported model {str(path)!r} {what}; export one first with export_onnx() or export_pt2()"
         )
     return path
 
@@ -257,8 +267,10 @@ def export_onnx(
         KDistillError: the exporter wrote a file that ``onnx.checker`` rejects.
     """
     path = Path(path)
-    if export_format(path) != "onnx":
-        raise ValueError(f"export_onnx writes .onnx files, got {str(path)!r}; use export_torchscript() for TorchScript")
+    fmt = export_format(path)
+    if fmt != "onnx":
+        other = "export_pt2() for .pt2" if fmt == "pt2" else "export_torchscript() for TorchScript"
+        raise ValueError(f"export_onnx writes .onnx files, got {str(path)!r}; use {other}")
     if opset is not None and (not isinstance(opset, int) or opset < 7):
         raise ValueError(f"opset must be an int >= 7 (or None for the exporter's default), got {opset!r}")
     onnx = require_extra("onnx")
@@ -296,8 +308,57 @@ def export_onnx(
         return replace_durably(tmp, path)
 
 
+def export_pt2(model: nn.Module, example_input: Any, path: str | os.PathLike) -> Path:
+    """Export a model with ``torch.export`` (eval mode, CPU) to a ``.pt2`` file, atomically.
+
+    ``torch.export.export`` captures the whole forward as one graph, with a dynamic batch
+    axis (``B >= 1``); ``torch.export.save`` writes it with the weights. Load it with
+    :func:`load_exported` (or ``torch.export.load(path).module()``) and check it with
+    :func:`check_parity`. The per-sample input shape is stored in the file.
+
+    Args:
+        model: maps ``(B, *input_shape)`` to ``(B, C)`` logits.
+        example_input: a batch ``(B, *input_shape)`` (tensor or numpy array): fixes every
+            axis but the batch axis.
+        path: the ``.pt2`` file to write; its folder is created if missing.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ModelInputError: ``example_input`` has no batch axis, does not match the model's
+            ``input_shape``, or the model rejects it.
+        ValueError: ``path`` does not end in ``.pt2``.
+        KDistillError: ``torch.export`` cannot capture the model with a free batch axis
+            (data-dependent control flow, a batch size fixed inside ``forward``).
+    """
+    path = Path(path)
+    if export_format(path) != "pt2":
+        raise ValueError(f"export_pt2 writes .pt2 files, got {str(path)!r}; use export_onnx() for ONNX")
+    model = _cpu_eval_copy(model)
+    x = _example_batch(model, example_input)  # (2, *input_shape)
+    # 1. capture the graph, the batch axis left free
+    try:
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise KDistillError(
+            f"torch.export could not export the model for {str(path)!r} with a free batch axis "
+            f"({type(e).__name__}: {first_line}). Data-dependent control flow in forward, or a batch size "
+            f"fixed inside it, prevents that; export_onnx(..., dynamo=False) traces instead"
+        ) from e
+    # 2. write it, with the per-sample input shape
+    extra = {_TS_META: ",".join(map(str, x.shape[1:]))}
+    return atomic_write(path, lambda f: torch.export.save(program, f, extra_files=extra))
+
+
 def export_torchscript(model: nn.Module, example_input: Any, path: str | os.PathLike) -> Path:
     """Trace a model to TorchScript (eval mode, CPU) and save it atomically.
+
+    .. deprecated::
+        ``torch.jit.trace`` and ``torch.jit.save`` are deprecated upstream; this issues a
+        ``DeprecationWarning``. Use :func:`export_pt2` (``torch.export``) or
+        :func:`export_onnx`. Kept for deployments that load TorchScript with libtorch.
 
     ``torch.jit.trace`` records the operations run on ``example_input``: data-dependent
     control flow in ``forward`` is frozen to the branch taken. The per-sample input shape
@@ -318,10 +379,20 @@ def export_torchscript(model: nn.Module, example_input: Any, path: str | os.Path
     """
     path = Path(path)
     if export_format(path) != "torchscript":
-        raise ValueError(f"export_torchscript writes .pt/.ts files, got {str(path)!r}; use export_onnx() for ONNX")
+        raise ValueError(f"export_torchscript writes .pt/.ts files, got {str(path)!r}; use export_onnx() for ONNX "
+                         f"or export_pt2() for .pt2")
+    warnings.warn(_TORCHSCRIPT_DEPRECATED, DeprecationWarning, stacklevel=2)
     model = _cpu_eval_copy(model)
     x = _example_batch(model, example_input)  # (2, *input_shape)
     return _save_torchscript(model, x, path)
+
+
+_TORCHSCRIPT_DEPRECATED = (
+    "TorchScript export (torch.jit.trace) is deprecated in PyTorch; export with kdistill.export.export_pt2 "
+    "(torch.export, a .pt2 file) or export_onnx instead")
+_AO_DEPRECATED = (
+    "TorchScript int8 (torch.ao.quantization.quantize_dynamic, then torch.jit.trace) is deprecated in PyTorch; "
+    "quantize to ONNX instead: quantize_int8(model, 'model.int8.onnx', calibration=...)")
 
 
 def _save_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
@@ -362,14 +433,15 @@ def ort_session(path: str | os.PathLike, num_threads: int | None = None):
 
 
 class ExportedModel:
-    """A loaded ONNX or TorchScript file, called like the model: ``(B, *input_shape) -> (B, C)``.
+    """A loaded ONNX, ``.pt2`` or TorchScript file, called like the model:
+    ``(B, *input_shape) -> (B, C)``.
 
     Attributes:
         path: the file.
-        format: ``"onnx"`` or ``"torchscript"``.
+        format: ``"onnx"``, ``"pt2"`` or ``"torchscript"``.
         input_shape: the per-sample input shape the file expects (``None`` if unknown).
-        backend: what runs it: the ``onnxruntime.InferenceSession`` or the
-            ``torch.jit.ScriptModule``.
+        backend: what runs it: the ``onnxruntime.InferenceSession``, the
+            ``torch.export.ExportedProgram`` or the ``torch.jit.ScriptModule``.
     """
 
     def __init__(self, path: Path, fmt: str, run: Callable[[torch.Tensor], torch.Tensor], input_shape, backend):
@@ -397,8 +469,9 @@ def load_exported(path: str | os.PathLike, *, num_threads: int | None = None) ->
     """Load an exported model to run on the CPU.
 
     Args:
-        path: a ``.onnx`` file (run with an onnxruntime CPU session) or a TorchScript file
-            (``.pt``, ``.ts``, ``.pth``, ``.torchscript``; loaded onto the CPU).
+        path: a ``.onnx`` file (run with an onnxruntime CPU session), a ``.pt2`` file
+            (``torch.export.load``, run in PyTorch) or a TorchScript file (``.pt``,
+            ``.ts``, ``.pth``, ``.torchscript``; loaded onto the CPU).
         num_threads: onnxruntime's intra-op threads; ``None`` for PyTorch's thread count.
 
     Returns:
@@ -407,7 +480,7 @@ def load_exported(path: str | os.PathLike, *, num_threads: int | None = None) ->
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the suffix is neither ONNX nor TorchScript.
+        ValueError: the suffix is none of ONNX, ``.pt2`` and TorchScript.
         MissingExtraError: ``onnxruntime`` is needed for ``.onnx`` and not installed.
         KDistillError: the file cannot be loaded (corrupt, or not a model).
     """
@@ -425,6 +498,21 @@ def load_exported(path: str | os.PathLike, *, num_threads: int | None = None) ->
 
         return ExportedModel(path, fmt, run, input_shape, session)
 
+    if fmt == "pt2":
+        extra = {_TS_META: ""}
+        try:
+            program = torch.export.load(str(path), extra_files=extra)
+        except Exception as e:
+            raise KDistillError(f"cannot load {str(path)!r} with torch.export.load (corrupt, or not a .pt2 "
+                                f"file?): {e}") from e
+        graph = program.module()
+
+        def run_pt2(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return graph(x).float()
+
+        return ExportedModel(path, fmt, run_pt2, _shape_meta(extra[_TS_META]), program)
+
     extra = {_TS_META: ""}
     try:
         with _quiet_torch_export():
@@ -434,15 +522,19 @@ def load_exported(path: str | os.PathLike, *, num_threads: int | None = None) ->
             f"cannot load {str(path)!r} as TorchScript (corrupt, or not a TorchScript file?): {e}"
         ) from e
     module.eval()
-    meta = extra[_TS_META]
-    meta = meta.decode() if isinstance(meta, bytes) else meta
-    input_shape = tuple(int(d) for d in meta.split(",")) if meta else None
+    input_shape = _shape_meta(extra[_TS_META])
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module(x).float()
 
     return ExportedModel(path, fmt, run, input_shape, module)
+
+
+def _shape_meta(meta: str | bytes) -> tuple[int, ...] | None:
+    """The per-sample input shape stored in a TorchScript or .pt2 file ("1,8,8")."""
+    meta = meta.decode() if isinstance(meta, bytes) else meta
+    return tuple(int(d) for d in meta.split(",")) if meta else None
 
 
 def _batched(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -702,9 +794,10 @@ def quantize_int8(
       to dynamic, with a warning, if that fails), dynamic otherwise.
 
     TorchScript (``path`` ends in ``.pt``/``.ts``/...; ``source`` must be the
-    ``nn.Module``): ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` layers,
-    then traced. Convolutions stay float there (PyTorch's dynamic quantization has no
-    int8 convolutions), so a CNN shrinks only by its linear layers.
+    ``nn.Module``; deprecated upstream, issues a ``DeprecationWarning``: prefer ONNX):
+    ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` layers, then traced.
+    Convolutions stay float there (PyTorch's dynamic quantization has no int8
+    convolutions), so a CNN shrinks only by its linear layers.
 
     Args:
         source: the float ``.onnx`` file, or the PyTorch model.
@@ -722,9 +815,9 @@ def quantize_int8(
         The path of the int8 file.
 
     Raises:
-        ValueError: unknown ``method`` or format, ``method="static"`` without
-            ``calibration``, a TorchScript target from a file source, or a file source
-            with ``path=None`` that is not ONNX.
+        ValueError: unknown ``method`` or format (a ``.pt2`` target included),
+            ``method="static"`` without ``calibration``, a TorchScript target from a file
+            source, or a file source with ``path=None`` that is not ONNX.
         FileNotFoundError: the source file does not exist.
         MissingExtraError: ONNX quantization without ``onnx``/``onnxruntime`` installed.
         ModelInputError: calibration or example inputs of the wrong shape.
@@ -742,6 +835,9 @@ def quantize_int8(
         path = _int8_path(Path(source))
     path = Path(path)
     fmt = export_format(path)
+    if fmt == "pt2":
+        raise ValueError(f"quantize_int8 writes ONNX (.onnx) or TorchScript int8 files, not .pt2 ({str(path)!r}); "
+                         f"quantize to ONNX: give a path ending in .onnx")
     cal = _as_tensor(calibration, "calibration") if calibration is not None else None
     if example_input is None and cal is not None:
         example_input = cal[:2]
@@ -754,6 +850,7 @@ def quantize_int8(
             )
         if example_input is None:
             raise ValueError("quantizing to TorchScript needs example_input (B, *input_shape) to trace the model")
+        warnings.warn(_AO_DEPRECATED, DeprecationWarning, stacklevel=2)
         model = _cpu_eval_copy(source)
         x = _example_batch(model, example_input)
         with _quiet_torch_export():
@@ -790,6 +887,7 @@ __all__ = [
     "evaluate_exported",
     "export_format",
     "export_onnx",
+    "export_pt2",
     "export_torchscript",
     "load_exported",
     "ort_session",
