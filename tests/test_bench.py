@@ -11,6 +11,9 @@ from torch import nn
 from kdistill.bench import benchmark_model, count_parameters, latency, size_on_disk, throughput
 from kdistill.models import build_model
 
+# the TorchScript paths are deprecated upstream; these tests measure them on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:TorchScript.*deprecated in PyTorch:DeprecationWarning")
+
 
 def test_count_parameters_all_and_trainable():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
@@ -131,3 +134,43 @@ def test_benchmark_torchscript_float_and_int8(tmp_path):
     assert benchmark_torchscript(q, (8,), throughput_batch=8, repeats=2)["parameters"] == count_parameters(model)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         benchmark_torchscript(tmp_path / "missing.pt", (8,))
+
+
+def test_gpu_timings_synchronize_around_each_timed_forward(monkeypatch):
+    import kdistill.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_is_cuda", lambda device: True)  # as if the model were on a GPU
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    model = build_model("mlp", in_features=8, hidden=(4,), num_classes=3)
+    lat = latency(model, (8,), repeats=5, warmup=2)
+    assert len(calls) == 2 * 5 and lat["median_ms"] > 0  # before and after each of the 5 timed forwards
+    calls.clear()
+    assert throughput(model, (8,), batch_size=4, repeats=3, warmup=1) > 0
+    assert len(calls) == 2 * 3
+
+
+def test_the_synchronizer_follows_the_device_type(monkeypatch):
+    from kdistill.bench import _synchronizer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    assert _synchronizer(torch.device("cpu")) is None  # nothing asynchronous on the CPU
+    _synchronizer(torch.device("cuda", 1))()
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_benchmark_pt2(tmp_path):
+    from kdistill.bench import benchmark_pt2, benchmark_torchscript
+    from kdistill.export import export_pt2
+
+    model = build_model("mlp", in_features=8, hidden=(32,), num_classes=3)
+    path = export_pt2(model, torch.randn(4, 8), tmp_path / "m.pt2")
+    out = benchmark_pt2(path, (8,), throughput_batch=8, repeats=5)
+    assert set(out) == BENCH_KEYS
+    assert out["size_bytes"] == path.stat().st_size and out["parameters"] == count_parameters(model)
+    assert 0 < out["latency_ms"] <= out["latency_p90_ms"] and out["throughput"] > 0
+    with pytest.raises(ValueError, match="use benchmark_onnx"):
+        benchmark_pt2(tmp_path / "m.pt", (8,))
+    with pytest.raises(ValueError, match=r"benchmark_pt2\(\)"):
+        benchmark_torchscript(path, (8,))

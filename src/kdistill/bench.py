@@ -1,9 +1,13 @@
 """What a model costs to deploy: parameters, size on disk, latency, throughput.
 
 Latency and throughput are medians over repeats after warm-up, in eval mode under
-``torch.inference_mode()``, with the current thread count. Exported files (ONNX run by
-onnxruntime on the CPU, TorchScript) are measured the same way by :func:`benchmark_onnx`
-and :func:`benchmark_torchscript`, with PyTorch's thread count.
+``torch.inference_mode()``, with the current thread count. Each repeat is timed with
+``time.perf_counter`` around one forward pass; on a GPU the device is synchronised before
+and after it (``torch.cuda.synchronize``), so the time is that of the computation, not of
+queueing its kernels. On the CPU nothing runs asynchronously and nothing is added.
+Exported files (ONNX run by onnxruntime on the CPU, ``.pt2``, TorchScript) are measured
+the same way by :func:`benchmark_onnx`, :func:`benchmark_pt2` and
+:func:`benchmark_torchscript`, with PyTorch's thread count.
 """
 
 from __future__ import annotations
@@ -36,27 +40,54 @@ def size_on_disk(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None] | None:
+    """What waits until ``device`` has finished the work queued on it, or ``None`` where
+    work runs synchronously (the CPU)."""
+    if _is_cuda(device):
+        return lambda: torch.cuda.synchronize(device)
+    if device.type in ("cpu", "meta"):
+        return None
+    backend = getattr(torch, device.type, None)  # mps, xpu, ...
+    return getattr(backend, "synchronize", None)
+
+
 def _timings(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+    """Seconds per forward pass of ``model`` on ``x`` (eval mode, inference mode; the mode
+    is restored), each timed region bracketed by device synchronisations on a GPU."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = _synchronizer(x.device)
     was_training = model.training
     model.eval()
     times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                if sync is not None:
+                    sync()  # nothing queued before (warm-up, last repeat) is counted
+                start = time.perf_counter()
+                model(x)
+                if sync is not None:
+                    sync()  # the forward's kernels have run, not only been queued
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
     return times
 
 
 def latency(
     model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 1, warmup: int = 10, repeats: int = 50
 ) -> dict[str, float]:
-    """Forward latency in milliseconds at ``batch_size``: ``{"median_ms", "p90_ms"}``."""
+    """Forward latency in milliseconds at ``batch_size``: ``{"median_ms", "p90_ms"}``.
+
+    On the model's device (its parameters'); on a GPU each timed forward is bracketed by
+    ``torch.cuda.synchronize`` (module docstring)."""
     device = module_device(model)
     x = torch.randn(batch_size, *input_shape, device=device)
     times = sorted(_timings(model, x, warmup, repeats))
@@ -282,7 +313,8 @@ def benchmark_torchscript(
     size = _file_size(path)
     exported = load_exported(path)
     if exported.format != "torchscript":
-        raise ValueError(f"benchmark_torchscript needs a TorchScript file, got {str(path)!r}; use benchmark_onnx()")
+        raise ValueError(f"benchmark_torchscript needs a TorchScript file, got {str(path)!r}; "
+                         f"use benchmark_onnx() or benchmark_pt2()")
     module = exported.backend
     shape = tuple(int(d) for d in input_shape)
 
@@ -298,3 +330,49 @@ def benchmark_torchscript(
         repeats=repeats,
     )
     return {"parameters": _count_script_parameters(module), "size_bytes": size, **timings}
+
+
+def benchmark_pt2(
+    path: str | os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    latency_batch: int = 1,
+    throughput_batch: int = 256,
+    repeats: int = 50,
+) -> dict[str, float]:
+    """:func:`benchmark_model` for a ``.pt2`` file (``torch.export``), run in PyTorch on
+    the CPU.
+
+    Args:
+        path: the ``.pt2`` file (:func:`kdistill.export.export_pt2`).
+        input_shape: the per-sample input shape; batches are ``(batch, *input_shape)``.
+        latency_batch: batch size of the latency measurement.
+        throughput_batch: batch size of the throughput measurement.
+        repeats: timed latency runs (throughput: ``max(3, repeats // 5)``).
+
+    Returns:
+        The keys of :func:`benchmark_model`; ``"size_bytes"`` is the file's size and
+        ``"parameters"`` counts the program's parameters (not its buffers).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a ``.pt2`` file, or ``repeats`` or a batch size is not positive.
+    """
+    path = Path(path)
+    if export_format(path) != "pt2":
+        raise ValueError(f"benchmark_pt2 needs a .pt2 file, got {str(path)!r}; use benchmark_onnx() or "
+                         f"benchmark_torchscript()")
+    size = _file_size(path)
+    exported = load_exported(path)
+    program = exported.backend
+    names = set(program.graph_signature.parameters)
+    parameters = sum(v.numel() for k, v in program.state_dict.items() if k in names)
+    shape = tuple(int(d) for d in input_shape)
+    timings = _bench_callable(
+        exported,
+        lambda b: torch.randn(b, *shape),
+        latency_batch=latency_batch,
+        throughput_batch=throughput_batch,
+        repeats=repeats,
+    )
+    return {"parameters": parameters, "size_bytes": size, **timings}
