@@ -105,3 +105,35 @@ def test_bad_alpha_and_tensor_use_are_refused():
         Mixup(alpha=0)
     with pytest.raises(TypeError, match="apply the Compose to a Batch"):
         Compose([Mixup()])(torch.zeros(2, 1, 4, 4))
+
+
+def test_the_beta_draw_is_public_seeded_and_beta_distributed():
+    import inspect
+
+    from kdistill.data import augment
+
+    assert "torch._" not in inspect.getsource(augment)  # no private torch function
+    torch.manual_seed(5)
+    a = [augment._beta(0.4) for _ in range(3)]
+    torch.manual_seed(5)
+    assert [augment._beta(0.4) for _ in range(3)] == a  # the same seed, the same draws
+    torch.manual_seed(5)
+    assert a[0] == float(torch.distributions.Beta(torch.tensor(0.4, dtype=torch.float64),
+                                                  torch.tensor(0.4, dtype=torch.float64)).sample())
+    torch.manual_seed(0)
+    lams = torch.tensor([augment._beta(2.0) for _ in range(2000)], dtype=torch.float64)
+    # Beta(2, 2): mean 1/2, variance 1/20
+    assert abs(float(lams.mean()) - 0.5) < 0.02 and abs(float(lams.var()) - 0.05) < 0.006
+    assert 0.0 < float(lams.min()) and float(lams.max()) < 1.0
+
+
+def test_mixup_and_cutmix_repeat_under_the_same_seed():
+    images = torch.rand(6, 1, 8, 8)
+    batch = Batch(images, torch.arange(6))
+    for aug in (Mixup(alpha=0.5), CutMix(alpha=0.5)):
+        torch.manual_seed(11)
+        first = aug(batch)
+        torch.manual_seed(11)
+        second = aug(batch)
+        assert torch.equal(first.inputs, second.inputs) and first.mix.lam == second.mix.lam
+        assert torch.equal(first.mix.targets, second.mix.targets)

@@ -223,9 +223,11 @@ class GaussianNoise:
 
 
 def _beta(alpha: float) -> float:
-    # Beta(alpha, alpha) from two Gammas, drawn from PyTorch's global generator
-    a = torch._standard_gamma(torch.tensor([alpha, alpha], dtype=torch.float64))
-    return float(a[0] / a.sum())
+    """One draw of ``lam ~ Beta(alpha, alpha)``: ``torch.distributions.Beta(alpha,
+    alpha).sample()`` in float64, from PyTorch's global generator (so ``fit(seed=...)``
+    repeats it and a resumed fit, which restores the generator's state, continues it)."""
+    a = torch.tensor(alpha, dtype=torch.float64)
+    return float(torch.distributions.Beta(a, a, validate_args=False).sample())
 
 
 def _check_alpha(alpha: float) -> float:
@@ -238,6 +240,10 @@ class Mixup:
     """mixup (Zhang et al., ICLR 2018): ``x = lam * x_i + (1 - lam) * x_perm(i)`` with
     ``lam ~ Beta(alpha, alpha)`` per batch; the hard-label loss becomes
     ``lam * CE(y_i) + (1 - lam) * CE(y_perm(i))``. The teacher sees the mixed images too.
+
+    ``lam`` is drawn with ``torch.distributions.Beta(alpha, alpha).sample()`` and the
+    permutation with ``torch.randperm``, both from PyTorch's global generator: the same
+    seed gives the same draws, and a resumed fit continues them.
 
     Args:
         alpha: the Beta distribution's parameter (1.0: lam uniform in [0, 1]).
@@ -262,7 +268,9 @@ class Mixup:
 class CutMix:
     """CutMix (Yun et al., ICCV 2019): paste a random box of another sample; the box's area
     is ``1 - lam`` with ``lam ~ Beta(alpha, alpha)``, and ``lam`` is corrected to the area
-    actually pasted after clipping at the border. Labels mix as in :class:`Mixup`.
+    actually pasted after clipping at the border. Labels mix as in :class:`Mixup`; ``lam``,
+    the box's centre and the permutation are drawn as there, from PyTorch's global
+    generator (``torch.distributions.Beta``, ``torch.randint``, ``torch.randperm``).
 
     Args:
         alpha: the Beta distribution's parameter.
