@@ -19,13 +19,15 @@ from ..errors import KDistillError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency, throughput and size of models, runs or exported files",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("target", metavar="MODEL_OR_RUN")
-    p.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 1,28,28 (files and model names)")
-    p.add_argument("--latency-batch", type=int, default=1)
-    p.add_argument("--throughput-batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--threads", type=int, default=None, help="PyTorch / onnxruntime CPU threads")
+                       description=__doc__)
+    p.add_argument("target", metavar="MODEL_OR_RUN", help="a run directory, an exported .onnx/.pt file or a model name")
+    p.add_argument("--input-shape", default=None,
+                   help="per-sample input shape, e.g. 1,28,28 (default: a run's data; 1,28,28 for a model name; "
+                        "needed for a file)")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    p.add_argument("--throughput-batch", type=int, default=256, help="batch size of the throughput measurement")
+    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per measurement (after warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch / onnxruntime CPU threads (default: their choice)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (default: stdout only)")
     p.set_defaults(run=run)
 

@@ -20,41 +20,49 @@ import time
 from pathlib import Path
 
 from ..errors import KDistillError
+from .config import add_set_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="build, inspect or verify an offline teacher cache",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser("cache", help="build, inspect or verify an offline teacher cache", description=__doc__)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    b = actions.add_parser("build", help="run the teacher once and store its outputs")
-    b.add_argument("source", metavar="RUN_DIR_OR_CONFIG",
-                   help="a run directory with a finished teacher, or a config with teacher.checkpoint")
+    b = actions.add_parser("build", help="run the teacher once and store its outputs",
+                           description=__doc__.split("\n\n")[1])
+    b.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CONFIG",
+                   help="a run directory with a finished teacher, or a config with teacher.checkpoint (required)")
     b.add_argument("--out", required=True, help="the cache directory to write")
-    b.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides (a config file source only)")
+    add_set_option(b, config="source", help="config overrides by dotted path, e.g. --set data.subset=1000 (a config "
+                                            "file source only); repeatable")
     b.add_argument("--mode", choices=["full", "topk"], default=None, help="full logits or top-k (default: the config's, else full)")
-    b.add_argument("--k", type=int, default=None, help="classes kept per sample with --mode topk")
-    b.add_argument("--dtype", choices=["float16", "float32"], default=None)
+    b.add_argument("--k", type=int, default=None, help="classes kept per sample with --mode topk (default: the config's teacher_cache.k)")
+    b.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                   help="storage type of the logits (default: the config's, else float16)")
     b.add_argument("--views", type=int, default=None,
-                   help="augmented views per sample, made with the config's data.augment (0: none)")
+                   help="augmented views per sample, made with the config's data.augment; 0: none "
+                        "(default: the config's teacher_cache.views, else 0)")
     b.add_argument("--features", nargs="*", default=None, metavar="LAYER",
                    help="teacher layers to store (default: the ones the config's losses tap)")
     b.add_argument("--temperature", type=float, nargs="*", default=None, metavar="T",
                    help="top-k: temperatures at which to store the tail exactly (default: the distil stage's)")
-    b.add_argument("--batch-size", type=int, default=None)
-    b.add_argument("--device", default=None)
+    b.add_argument("--batch-size", type=int, default=None,
+                   help="samples per teacher forward (default: the config's teacher_cache.batch_size, else 256)")
+    b.add_argument("--device", default=None, help="where the teacher runs, e.g. cpu or cuda (default: the config's device)")
     b.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher, data or settings")
     b.add_argument("--dry-run", action="store_true", help="print what would be stored and its size, build nothing")
     b.set_defaults(run=run_build)
 
-    i = actions.add_parser("info", help="print a cache's manifest summary")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
+    i = actions.add_parser("info", help="print a cache's manifest summary",
+                           description="Print a teacher cache's manifest summary: mode, dtype, samples, views, layers, "
+                                       "size, and the teacher it was built from.")
+    i.add_argument("path", help="a teacher cache directory")
+    i.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     i.set_defaults(run=run_info)
 
-    v = actions.add_parser("verify", help="check every file of a cache against its checksum")
-    v.add_argument("path")
+    v = actions.add_parser("verify", help="check every file of a cache against its checksum",
+                           description="Check every file of a teacher cache against the SHA-256 in its manifest "
+                                       "(exit status 1 naming the first file that differs).")
+    v.add_argument("path", help="a teacher cache directory")
     v.set_defaults(run=run_verify)
 
 
@@ -69,6 +77,8 @@ def _source(args: argparse.Namespace):
     from ..experiment import build_model, load_data, load_stage_model
     from ..run.directory import read_run_config
 
+    if args.source is None:
+        raise KDistillError("give the teacher to cache: kdistill cache build RUN_DIR_OR_CONFIG --out PATH")
     src = Path(args.source)
     if src.is_dir():
         if args.overrides:

@@ -58,22 +58,22 @@ def shipped_config(relative: str = CONFIG) -> Path:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "classic",
-        help="teacher, student from scratch and distilled student, with a report",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--out", default=None, help="run directory (default: the config's output_dir)")
+    # the flags default to None (the config's value); their help says the shipped config's
+    p = sub.add_parser("classic", help="teacher, student from scratch and distilled student, with a report",
+                       description=__doc__)
+    p.add_argument("--out", default=None, help="folder of both regimes' run directories and their joint report (default: the config's output_dir)")
     p.add_argument("--dataset", default=None, help="fashion_mnist, mnist, kmnist or digits (default: fashion_mnist)")
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset's files (else $KDISTILL_DATA, then Debian's)")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="(default 2; with --teacher-checkpoint: 0, use it as it is)")
-    p.add_argument("--student-epochs", type=int, default=None, help="epochs of both students (default 5)")
-    p.add_argument("--batch-size", type=int, default=None, help="(default 64)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of every stage (default 0.001)")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the hard-label loss (default 0.1)")
-    p.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 10)")
-    p.add_argument("--teacher-temperature", type=float, default=None, help="softmax temperature the teacher trains with (default 1)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset's files (default: $KDISTILL_DATA, then Debian's folder)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="epochs of the teacher (default: 2; with --teacher-checkpoint: 0, use it as it is)")
+    p.add_argument("--student-epochs", type=int, default=None, help="epochs of both students (default: 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of every stage (default: 64)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of every stage (default: 0.001)")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the hard-label loss (default: 0.1)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: 10)")
+    p.add_argument("--teacher-temperature", type=float, default=None,
+                   help="softmax temperature the teacher trains with (default: 1)")
     p.add_argument("--labels", default="1000", metavar="N|all",
                    help="labelled samples of the few-label regime (class-balanced; the rest of the training set is "
                         "its unlabelled transfer set); 'all' runs the all-label regime alone")
@@ -84,9 +84,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-checkpoint", default=None, metavar="FILE",
                    help="a teacher you already have (kdistill checkpoint, PyTorch state_dict or .safetensors of the "
                         "config's teacher architecture), used as it is (with --teacher-epochs N: fine-tuned)")
-    p.add_argument("--seed", type=int, default=None, help="(default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of data splits and initial weights (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's choice)")
-    p.add_argument("--config", default=None, help=f"another experiment file to run instead of {CONFIG}")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"another experiment file to run (default: the shipped {CONFIG})")
     add_common(p)
     p.set_defaults(run=run)
 

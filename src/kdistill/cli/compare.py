@@ -13,7 +13,7 @@ from .report import read_metrics
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="put several runs in one table", description=__doc__)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories, one row each")
     p.add_argument("--out", default=None, help="also write the table here (.md) and the rows beside it (.json)")
     p.set_defaults(run=run)
 

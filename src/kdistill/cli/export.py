@@ -24,12 +24,14 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the distilled student (ONNX / TorchScript, optional int8) with parity checks",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__)
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--format", choices=sorted(SUFFIX), default="onnx")
+    p.add_argument("--format", choices=sorted(SUFFIX), default="onnx", help="file format of the export")
     p.add_argument("--int8", action="store_true", help="also write an int8-quantized model and report its accuracy change")
-    p.add_argument("--stage", default="distil", choices=["distil", "scratch", "teacher"], help="which model to export")
-    p.add_argument("--out", default=None, help="output file (default RUN_DIR/student.onnx or student.pt)")
+    p.add_argument("--stage", default="distil", choices=["distil", "scratch", "teacher"],
+                   help="which model of the run to export")
+    p.add_argument("--out", default=None,
+                   help="output file (default: RUN_DIR/student.onnx or student.pt; teacher.*, scratch.* for those stages)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch| logit difference")
     p.add_argument("--samples", type=int, default=1000, help="held-out test samples for the parity check")
     p.set_defaults(run=run)

@@ -19,15 +19,16 @@ from ..errors import KDistillError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="list a model's layer paths and output shapes (for feature taps)",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__)
     p.add_argument("model", metavar="MODEL", help="a built-in model name, or a run directory")
-    p.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 3,32,32 (default 1,28,28)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 3,32,32 (default: 1,28,28)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of a built-in model's output layer")
     p.add_argument("--kw", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="builder keyword arguments (values parsed as YAML)")
+                   help="builder keyword arguments (values parsed as YAML), e.g. --kw width=2; repeatable")
     p.add_argument("--stage", default="distil", choices=["teacher", "scratch", "distil"],
                    help="which model of a run directory")
-    p.add_argument("--depth", type=int, default=None, help="only paths with at most this many dots + 1 parts")
+    p.add_argument("--depth", type=int, default=None,
+                   help="only paths of at most this many parts, e.g. 1: layer3 but not layer3.0 (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 

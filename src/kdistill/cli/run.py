@@ -18,19 +18,20 @@ from ..experiment import run_experiment
 from ..run.directory import read_run_config
 from ..report import comparison_table
 from ..report.content import stage_label
+from .config import add_set_option
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config values by dotted path, e.g. stages.distil.epochs=3 data.subset=1000")
+def add_common(p: argparse.ArgumentParser, *, config: str = "config", key_value: tuple[str, ...] = ("overrides",)) -> None:
+    """``--set`` (see :func:`kdistill.cli.config.add_set_option`), ``--force`` and ``--quiet``."""
+    add_set_option(p, config=config, key_value=key_value)
     p.add_argument("--force", action="store_true", help="replace a run directory that holds a finished or different run")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of progress bars")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an experiment config (teacher, scratch, distilled, report)",
-                       description=__doc__.split("\n\n")[1])
-    p.add_argument("config", nargs="?", help="experiment YAML, e.g. configs/fashion_mnist/kd/classic_cnn.yaml")
+                       description=__doc__)
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="experiment YAML, e.g. configs/fashion_mnist/kd/classic_cnn.yaml (may also come after --set)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--out", default=None, help="run directory (default: the config's output_dir)")
     add_common(p)

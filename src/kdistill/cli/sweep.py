@@ -30,12 +30,13 @@ ALIASES = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="run a grid of configs and compare them", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="experiment YAML")
-    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2,...",
-                   help="values to sweep, e.g. alpha=0.1,0.5 temperature=2,4,8")
+    p = sub.add_parser("sweep", help="run a grid of configs and compare them", description=__doc__)
+    # optional for argparse only: --set and --grid take several words, so CONFIG may come after them
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="experiment YAML (required; may also come after --set or --grid)")
+    p.add_argument("--grid", nargs="+", action="extend", required=True, metavar="KEY=V1,V2,...",
+                   help="values to sweep, e.g. alpha=0.1,0.5 temperature=2,4,8; repeatable")
     p.add_argument("--out", default=None, help="sweep directory (default: <config output_dir>-sweep)")
-    add_common(p)
+    add_common(p, key_value=("overrides", "grid"))
     p.set_defaults(run=run)
 
 
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from ..report.compare import compare_runs, compare_table, plot_sweep
 
     # 1. set up: the grid, validated as configs before anything trains
+    if args.config is None:
+        raise ConfigError("give the experiment YAML to sweep: kdistill sweep CONFIG.yaml --grid alpha=0.1,0.5")
     grid = parse_grid(args.grid)
     base = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(str(base.run_dir()) + "-sweep")
