@@ -199,6 +199,9 @@ def test_layers_cli(capsys):
     assert "2x32x7x7" in out and "6:input" not in out and "<path>:input" in out
     assert main(["layers", "classic_studnet"]) == 1
     assert "did you mean classic_student" in capsys.readouterr().err
+    # --kw takes one KEY=VALUE each time: the model named after it stays the model
+    assert main(["layers", "--kw", "width=2", "classic_student", "--depth", "1"]) == 0
+    assert "2x64x7x7" in capsys.readouterr().out  # width 2: 32 -> 64 channels
 
 
 def test_fitnets_stage_one_trains_on_the_hint_alone():

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="a built-in model name, or a run directory")
     p.add_argument("--input-shape", default=None, help="per-sample input shape, e.g. 3,32,32 (default: 1,28,28)")
     p.add_argument("--num-classes", type=int, default=10, help="classes of a built-in model's output layer")
-    p.add_argument("--kw", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+    p.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
                    help="builder keyword arguments (values parsed as YAML), e.g. --kw width=2; repeatable")
     p.add_argument("--stage", default="distil", choices=["teacher", "scratch", "distil"],
                    help="which model of a run directory")
