@@ -269,6 +269,10 @@ def test_a_fresh_fit_starts_a_new_run_and_run_id_continues_one(mlflow_uri):
     t = _trainer()
     t.fit(*_data(), callbacks=[again], **FIT)
     assert again.run_id == first
+    t.fit(*_data(), callbacks=[again], **{**FIT, "epochs": 3, "initial_epoch": 2})  # the same trainer, on
+    assert again.run_id == first
+    _, metrics = _metric_histories(mlflow_uri, first)
+    assert [s for s, _ in metrics["loss"]] == [0, 0, 1, 1, 2]  # two fits logged as asked, then epoch 2
 
 
 def test_trainer_params_of_a_plain_trainer():

@@ -133,7 +133,7 @@ class TensorBoardLogger(Callback):
 
     def _choose_path(self, continuing: bool) -> Path:
         # this trainer's folder, or one given by load_state_dict (no trainer yet)
-        if continuing and self.path is not None and self._path_trainer in (None, self.trainer):
+        if continuing and self.path is not None and (self._path_trainer is None or self._path_trainer is self.trainer):
             return self.path
         if self.name is not None:
             return self.log_dir / self.name
@@ -238,9 +238,13 @@ def _module_params(module: Any, prefix: str) -> dict[str, Any]:
 
 
 def _describe(obj: Any) -> str | None:
+    """A loss or an augmentation as a parameter: its repr if it describes itself (an
+    augmentation), a module's class, a function's name."""
     if obj is None:
         return None
-    return repr(obj) if callable(getattr(obj, "to_config", None)) or not callable(obj) else type(obj).__name__
+    if isinstance(obj, nn.Module):
+        return type(obj).__name__
+    return getattr(obj, "__qualname__", None) or repr(obj)
 
 
 def trainer_params(trainer: Any) -> dict[str, str]:
@@ -291,15 +295,16 @@ class MLflowLogger(Callback):
     the fit's :class:`~kdistill.callbacks.History`. The run is marked ``FINISHED`` when the
     fit ends; a fit that fails leaves it ``RUNNING``.
 
-    **Resuming.** A fit that continues a trainer (a second ``fit`` call, or
-    ``fit(resume_from=...)``) continues a run instead of starting one: the run this
-    logger logged to (same process), else ``run_id`` if given, else the newest run of the
-    experiment that is not ``FINISHED`` and was logged by the same trainer class and model
-    (and ``run_name``, if given): the run the interrupted fit left behind. Epochs the run
-    already holds are not logged twice; epochs of the restored history that it lacks are
-    logged when training begins; parameters it already has are kept. Without such a run,
-    a new run starts with the restored history's epochs. Pass ``run_id`` to choose the
-    run yourself.
+    **Resuming.** A resumed fit (``fit(resume_from=...)``) continues a run instead of
+    starting one: ``run_id`` if given (or restored by :meth:`load_state_dict`), else the
+    newest run of the experiment that is not ``FINISHED`` and was logged by the same
+    trainer class and model (and ``run_name``, if given): the run the interrupted fit left
+    behind. Epochs the run already holds are not logged twice; epochs of the restored
+    history that it lacks are logged when training begins; parameters it already has are
+    kept. Without such a run, a new run starts with the restored history's epochs. A
+    second ``fit`` call on the same trainer continues this logger's run (give it
+    ``initial_epoch`` so that its epochs are numbered on); a fit of a fresh trainer starts
+    a new run, unless ``run_id`` was given.
 
     Args:
         tracking_uri: where runs are stored: a local folder (``"file:./mlruns"``), a
@@ -399,10 +404,12 @@ class MLflowLogger(Callback):
         experiment_id = self._experiment_id()
         continuing = int(getattr(self.trainer, "global_step", 0)) > 0
         history = _history_epochs(self.trainer)
+        # restored from a training state: epochs trained before, or a position inside an epoch
+        resumed = bool(history) or int(getattr(self.trainer, "step_in_epoch", 0)) > 0
         # 1. the run: one given (or this trainer's, continued), the interrupted one, or a new one
         if self.run_id is not None and (self._run_trainer is None or (continuing and self._run_trainer is self.trainer)):
             pass
-        elif continuing:
+        elif resumed:
             self.run_id = self._interrupted_run(experiment_id)
         else:
             self.run_id = None
@@ -412,8 +419,9 @@ class MLflowLogger(Callback):
             run = client.get_run(self.run_id)
             if run.info.status != "RUNNING":
                 client.update_run(self.run_id, status="RUNNING")
-            for key in run.data.metrics:
-                self._logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+            if resumed:  # what the interrupted fit logged after its last saved state is not logged twice
+                for key in run.data.metrics:
+                    self._logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
             have = set(run.data.params)
         else:
             run = client.create_run(experiment_id, run_name=self.run_name, tags={**self._identity(), **self.tags})
