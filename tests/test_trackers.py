@@ -132,9 +132,10 @@ def test_a_resumed_fit_continues_the_folder_as_if_uninterrupted(tmp_path, crash)
     kw = {**FIT, "epochs": 3}
     reference = _distiller().fit(*_data(), **kw)
     state = tmp_path / "last.pt"
+    crashed = TensorBoardLogger(tmp_path / "tb", every_steps=1)
     with pytest.raises(Crash):
-        _distiller().fit(*_data(), callbacks=[TensorBoardLogger(tmp_path / "tb", every_steps=1), crash,
-                                              TrainingCheckpoint(state, every_steps=2)], **kw)
+        _distiller().fit(*_data(), callbacks=[crashed, crash, TrainingCheckpoint(state, every_steps=2)], **kw)
+    crashed.on_train_end()  # everything it wrote reaches the disk (a killed process may lose the unflushed tail)
     written = max(s for s, _ in _scalars(tmp_path / "tb" / "version_0")["step/loss"])
     assert written > read_training_state(state)["global_step"]  # the crashed run wrote past its last state
     logger = TensorBoardLogger(tmp_path / "tb", every_steps=1)  # a new process: a new logger
