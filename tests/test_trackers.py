@@ -189,7 +189,7 @@ def test_a_yaml_run_takes_the_logger_by_dotted_path(tmp_path):
     stages = tiny_config(tmp_path)["stages"]
     stages = {k: {**v, "epochs": 1} for k, v in stages.items()}
     raw = tiny_config(tmp_path / "run", device="cpu", stages=stages,
-                      callbacks=[{"_component_": "kdistill.trackers.TensorBoardLogger",
+                      callbacks=[{"name": "tensorboard",  # the built-in name of kdistill.trackers.TensorBoardLogger
                                   "log_dir": str(tmp_path / "tb"), "every_steps": 5}])
     metrics = run_experiment(validate_config(raw), verbose=0, log=lambda m: None)
     folders = sorted(p.name for p in (tmp_path / "tb").iterdir())

@@ -68,7 +68,9 @@ AUGMENTATIONS = {"random_crop": "kdistill.data.augment.RandomCrop",
                  "gaussian_noise": "kdistill.data.augment.GaussianNoise",
                  "mixup": "kdistill.data.augment.Mixup",
                  "cutmix": "kdistill.data.augment.CutMix"}
-CALLBACKS = {"early_stopping": "kdistill.callbacks.EarlyStopping"}
+CALLBACKS = {"early_stopping": "kdistill.callbacks.EarlyStopping",
+             "tensorboard": "kdistill.trackers.TensorBoardLogger",
+             "mlflow": "kdistill.trackers.MLflowLogger"}
 #: The shipped config that error messages point to.
 EXAMPLE_CONFIG = "configs/fashion_mnist/kd/classic_cnn.yaml"
 

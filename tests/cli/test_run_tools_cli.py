@@ -94,6 +94,19 @@ def test_export_checks_parity_and_reports_int8(run, capsys, fmt, suffix):
     assert (run_dir / f"student{suffix}").is_file() and (run_dir / f"student.int8{suffix}").is_file()
 
 
+def test_export_to_torch_export_pt2_and_bench_it(run, capsys):
+    _, _, run_dir = run
+    assert main(["export", str(run_dir), "--format", "pt2"]) == 0
+    result = json.loads((run_dir / "export.json").read_text())["distil/pt2"]
+    assert (run_dir / "student.pt2").is_file() and result["parity"]["max_abs_diff"] <= 1e-4
+    assert result["test_accuracy_exported"] == pytest.approx(result["test_accuracy_pytorch"], abs=1e-3)
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "pt2", "--int8"]) == 1
+    assert "export --format onnx --int8" in capsys.readouterr().err
+    assert main(["bench", str(run_dir), "--repeats", "2"]) == 0
+    assert "student.pt2" in capsys.readouterr().out
+
+
 def test_export_fails_when_parity_is_broken(run, capsys):
     pytest.importorskip("onnxruntime")
     _, _, run_dir = run

@@ -44,11 +44,12 @@ def _shape(text: str | None, fallback=None) -> tuple[int, ...]:
 
 
 def _bench_file(path: Path, shape, kw) -> dict:
-    from ..bench import benchmark_onnx, benchmark_torchscript
+    from ..bench import benchmark_onnx, benchmark_pt2, benchmark_torchscript
     from ..export import export_format
 
-    fn = benchmark_onnx if export_format(path) == "onnx" else benchmark_torchscript
-    return {"runtime": "onnxruntime" if fn is benchmark_onnx else "torchscript", **fn(path, shape, **kw)}
+    runtime, fn = {"onnx": ("onnxruntime", benchmark_onnx), "pt2": ("torch.export", benchmark_pt2),
+                   "torchscript": ("torchscript", benchmark_torchscript)}[export_format(path)]
+    return {"runtime": runtime, **fn(path, shape, **kw)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 model = load_stage_model(target, stage, data=data)
                 results[f"{stage}/pytorch"] = {"runtime": "pytorch", **benchmark_model(model, shape, **kw)}
         for f in sorted(target.iterdir()):
-            if f.name.startswith("student") and f.suffix in (".onnx", ".pt"):
+            if f.name.startswith("student") and f.suffix in (".onnx", ".pt2", ".pt"):
                 results[f"{f.name}"] = _bench_file(f, shape, kw)
     elif target.is_file():
         results[target.name] = _bench_file(target, _shape(args.input_shape), kw)

@@ -1,4 +1,4 @@
-"""``kdistill export RUN_DIR --format onnx|torchscript [--int8]``: the distilled student
+"""``kdistill export RUN_DIR --format onnx|pt2|torchscript [--int8]``: the distilled student
 alone (no teacher, no adapters, no loss modules) in the format it will be deployed in.
 
 The export is checked against PyTorch on held-out test inputs: the largest absolute
@@ -18,20 +18,22 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
+from ..errors import KDistillError
 
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the distilled student (ONNX / TorchScript, optional int8) with parity checks",
+    p = sub.add_parser("export", help="export the distilled student (ONNX, torch.export .pt2, TorchScript; optional int8) with parity checks",
                        description=__doc__)
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--format", choices=sorted(SUFFIX), default="onnx", help="file format of the export")
+    p.add_argument("--format", choices=sorted(SUFFIX), default="onnx",
+                   help="file format: onnx (ONNX Runtime), pt2 (torch.export), torchscript (deprecated upstream)")
     p.add_argument("--int8", action="store_true", help="also write an int8-quantized model and report its accuracy change")
     p.add_argument("--stage", default="distil", choices=["distil", "scratch", "teacher"],
                    help="which model of the run to export")
     p.add_argument("--out", default=None,
-                   help="output file (default: RUN_DIR/student.onnx or student.pt; teacher.*, scratch.* for those stages)")
+                   help="output file (default: RUN_DIR/student.onnx, .pt2 or .pt; teacher.*, scratch.* for those stages)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch| logit difference")
     p.add_argument("--samples", type=int, default=1000, help="held-out test samples for the parity check")
     p.set_defaults(run=run)
@@ -40,9 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import load_data, load_stage_model
     from ..run.directory import read_run_config
-    from ..export import check_parity, evaluate_exported, export_onnx, export_torchscript, quantize_int8, require_extra
+    from ..export import (check_parity, evaluate_exported, export_onnx, export_pt2, export_torchscript, quantize_int8,
+                          require_extra)
 
     # 1. set up: the model and held-out data
+    if args.int8 and args.format == "pt2":
+        raise KDistillError("--int8 quantizes ONNX (static, calibrated) and TorchScript files; for a .pt2 export "
+                            "leave --int8 out, or export --format onnx --int8")
     if args.format == "onnx":
         require_extra("onnx")
         require_extra("onnxruntime")
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     held_out = x_test[: args.samples]
     # 2. export and check parity
-    export = export_onnx if args.format == "onnx" else export_torchscript
+    export = {"onnx": export_onnx, "pt2": export_pt2, "torchscript": export_torchscript}[args.format]
     export(model, held_out[:2], out)
     parity = check_parity(model, out, held_out, atol=args.atol)
     with torch.inference_mode():
