@@ -190,7 +190,8 @@ def test_a_yaml_run_takes_the_logger_by_dotted_path(tmp_path):
     stages = {k: {**v, "epochs": 1} for k, v in stages.items()}
     raw = tiny_config(tmp_path / "run", device="cpu", stages=stages,
                       callbacks=[{"name": "tensorboard",  # the built-in name of kdistill.trackers.TensorBoardLogger
-                                  "log_dir": str(tmp_path / "tb"), "every_steps": 5}])
+                                  "log_dir": str(tmp_path / "tb"), "every_steps": 5},
+                                 {"name": "tensorboard", "log_dir": "{run_dir}/tb/{stage}"}])  # a folder per stage
     metrics = run_experiment(validate_config(raw), verbose=0, log=lambda m: None)
     folders = sorted(p.name for p in (tmp_path / "tb").iterdir())
     assert folders == ["version_0", "version_1", "version_2"]  # teacher, scratch, distil: one fit each
@@ -199,6 +200,8 @@ def test_a_yaml_run_takes_the_logger_by_dotted_path(tmp_path):
     for key, values in distil.items():
         assert [v for _, v in scalars[key]] == pytest.approx(values, rel=1e-6, abs=1e-7)
     assert "distillation_loss" not in _scalars(tmp_path / "tb" / "version_0")  # the teacher's fit
+    per_stage = sorted(p.parent.name for p in (tmp_path / "run").rglob("tb/*/version_0"))
+    assert per_stage == ["distil", "scratch", "teacher"]
 
 
 # ------------------------------------------------------------------ MLflow

@@ -69,6 +69,25 @@ def load_finished_stage(sdir: Path, model: nn.Module) -> dict:
     return done
 
 
+def stage_kwargs(kwargs: dict[str, Any], *, stage: str, run_dir: Path) -> dict[str, Any]:
+    """A YAML callback's keyword arguments for one stage: ``{stage}`` and ``{run_dir}`` in
+    a string value become the stage's name and the run directory (``log_dir:
+    "{run_dir}/tb/{stage}"`` gives each stage its own folder). Other braces are left as
+    they are.
+
+    Args:
+        kwargs: the callback's keyword arguments from the config.
+        stage: ``teacher``, ``scratch``, ``assistant`` or ``distil``.
+        run_dir: the run directory.
+    """
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("{stage}", stage).replace("{run_dir}", str(run_dir))
+        return value
+
+    return {k: fill(v) for k, v in kwargs.items()}
+
+
 def run_stage(ctx: StageContext, name: str, fp: str, model: nn.Module, make_trainer: Callable[[], Trainer],
               fit_args: dict[str, Any], *, share: bool) -> dict:
     """Train one stage into ``stages/<name>``, or reuse/resume it: the one function every
@@ -118,7 +137,7 @@ def run_stage(ctx: StageContext, name: str, fp: str, model: nn.Module, make_trai
         TrainingCheckpoint(sdir / "last.pt", every_steps=cfg.checkpoint.every_steps,
                            every_seconds=cfg.checkpoint.every_seconds),
         JSONLogger(sdir / "history.jsonl"),
-        *[spec.resolve()(**spec.kwargs) for spec in cfg.callbacks],
+        *[spec.resolve()(**stage_kwargs(spec.kwargs, stage=name, run_dir=ctx.run_dir)) for spec in cfg.callbacks],
     ]
     history = trainer.fit(**fit_args, callbacks=callbacks, resume_from=plan["resume_from"])
     done = {"fingerprint": fp, "stage": name, "seconds": trainer.elapsed_seconds, "history": history.to_dict(),
