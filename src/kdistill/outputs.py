@@ -7,12 +7,14 @@ instead of on tuple positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from typing import Any
 
 import torch
 
 #: Target value of a sample that has no label: it contributes the distillation loss only.
 UNLABELLED = -1
+
+_UNKNOWN: Any = object()  # Batch.labelled not computed yet
 
 
 @dataclass
@@ -47,24 +49,52 @@ class Batch:
     index: torch.Tensor | None = None
     mix: Mix | None = None
     view: int | None = None
+    _labelled: Any = field(default=_UNKNOWN, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
     def to(self, device: torch.device | str) -> "Batch":
-        """Return the batch on ``device`` (non-blocking where that is safe)."""
+        """Return the batch on ``device`` (non-blocking where that is safe): the batch
+        itself when every tensor is there already (no copies, and what was computed
+        about it, such as :attr:`labelled`, is kept)."""
+        device = torch.device(device)
+        tensors = (self.inputs, self.targets, self.index, None if self.mix is None else self.mix.targets)
+        if all(t is None or t.device == device for t in tensors):
+            return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         mix = None if self.mix is None else Mix(move(self.mix.targets), self.mix.lam)
-        return Batch(move(self.inputs), move(self.targets), move(self.index), mix, self.view)
+        moved = Batch(move(self.inputs), move(self.targets), move(self.index), mix, self.view)
+        if self._labelled is not _UNKNOWN:  # known already: no second look at the targets
+            moved._labelled = move(self._labelled)
+        return moved
 
-    @cached_property
+    @property
     def labelled(self) -> torch.Tensor | None:
         """``(B,)`` boolean mask of the samples that carry a label, or ``None`` if all do.
 
-        Computed once per batch (it costs a device synchronisation)."""
-        if self.targets is None:
+        Computed once per batch (it costs a device synchronisation). A loader that knows
+        every sample of its data is labelled sets it to ``None`` itself
+        (``batch.labelled = None``), which saves a reduction and a synchronisation per
+        batch."""
+        mask = self._labelled
+        if mask is _UNKNOWN:
+            mask = self._labelled = self._find_labelled()
+        return mask
+
+    @labelled.setter
+    def labelled(self, mask: torch.Tensor | None) -> None:
+        self._labelled = mask
+
+    def _find_labelled(self) -> torch.Tensor | None:
+        targets = self.targets
+        if targets is None:
             return None
-        mask = self.targets != UNLABELLED
+        # labels are classes >= 0 (or an ignore index < 0, e.g. -100 for tokens): one reduction
+        # and one read tell the usual case, every sample labelled
+        if targets.numel() == 0 or int(targets.min()) >= 0:
+            return None
+        mask = targets != UNLABELLED
         return None if bool(mask.all()) else mask
 
 

@@ -118,6 +118,11 @@ class ArrayLoader:
         self.inputs = inputs
         self.targets = targets
         self.index = torch.arange(n) if index is None else index
+        # per batch, what can be known once: the rows are the dataset index (the default
+        # index), and every sample is labelled (no -1 target): then no batch needs an index
+        # lookup, nor a look at its targets for unlabelled samples (Batch.labelled)
+        self._rows_are_index = index is None
+        self._all_labelled = targets is None or not bool((targets == UNLABELLED).any())
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
@@ -141,22 +146,25 @@ class ArrayLoader:
     def __iter__(self) -> Iterator[Batch]:
         n, b = self.num_samples, self.batch_size
         stop = (n // b) * b if self.drop_last else n
+        inputs, targets, index = self.inputs, self.targets, self.index
         if self.shuffle or self.shard is not None:
             for rows in batch_rows(n, b, shuffle=self.shuffle, generator=self.generator, drop_last=self.drop_last,
                                    shard=self.shard, pad=self.pad):
-                yield Batch(
-                    self.inputs.index_select(0, rows),
-                    None if self.targets is None else self.targets.index_select(0, rows),
-                    self.index.index_select(0, rows),
+                batch = Batch(
+                    inputs.index_select(0, rows),
+                    None if targets is None else targets.index_select(0, rows),
+                    rows if self._rows_are_index else index.index_select(0, rows),
                 )
+                if self._all_labelled:
+                    batch.labelled = None
+                yield batch
         else:
             for start in range(0, stop, b):
                 sl = slice(start, start + b)
-                yield Batch(
-                    self.inputs[sl],
-                    None if self.targets is None else self.targets[sl],
-                    self.index[sl],
-                )
+                batch = Batch(inputs[sl], None if targets is None else targets[sl], index[sl])
+                if self._all_labelled:
+                    batch.labelled = None
+                yield batch
 
 
 class _Indexed(Dataset):
