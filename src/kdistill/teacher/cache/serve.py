@@ -48,12 +48,18 @@ class TeacherCache(Teacher):
         self._arrays = arrays
         self._feature_files = {info["role"].split(":", 1)[1]: fname for fname, info in manifest["files"].items()
                                if info["role"].startswith("feature:")}
+        self._views = int(manifest.get("views", 0))
         self._selected: list[str] | None = None  # None: every cached layer
+        # the (layer, file) pairs __call__ serves: every cached layer until set_taps
+        self._served = [(name, self._feature_files[name]) for name in sorted(manifest["features"])]
         self._temperature = 1.0  # set_temperatures: the losses'
         self._augmentation = None  # rebuilt from the manifest on first use
         self._row_of: torch.Tensor | None = None  # reindexed(): sample i -> stored row _row_of[i]
         # the arrays as tensors, read into RAM on first use when small enough (in_memory), else None
         self._tensors: dict[str, torch.Tensor] | None = None
+        # the (N, C) logits in RAM when a batch's outputs are just rows of them (full logits, no
+        # views, no layers served): __call__'s short path, one index_select and one cast
+        self._ram_logits: torch.Tensor | None = None
         self.in_memory = False
 
     # ------------------------------------------------------------------ properties
@@ -90,7 +96,7 @@ class TeacherCache(Teacher):
     @property
     def views(self) -> int:
         """``V``: augmented views stored per sample (0: the un-augmented samples only)."""
-        return int(self.manifest.get("views", 0))
+        return self._views
 
     @property
     def augment_config(self) -> dict | None:
@@ -405,9 +411,10 @@ class TeacherCache(Teacher):
             raise ValueError("rows repeats a stored row: give each sample of the data you distil on its own row")
         view = type(self)(self.path, self.manifest, self._arrays)
         view._selected, view._temperature, view._augmentation = self._selected, self._temperature, self._augmentation
+        view._served = self._served
         r = torch.from_numpy(r.astype(np.int64))
         view._row_of = r if self._row_of is None else self._row_of[r]
-        view._tensors, view.in_memory = self._tensors, self.in_memory
+        view._tensors, view.in_memory, view._ram_logits = self._tensors, self.in_memory, self._ram_logits
         return view
 
     @property
@@ -450,7 +457,7 @@ class TeacherCache(Teacher):
         """The teacher protocol's per-batch call: with views, the batch as the teacher saw
         it in ``epoch`` (:meth:`augment_batch`); without, the batch unchanged. A batch that
         already carries its view is returned as it is."""
-        if not self.views or batch.view is not None:
+        if not self._views or batch.view is not None:
             return batch
         return self.augment_batch(batch, epoch)
 
@@ -502,6 +509,14 @@ class TeacherCache(Teacher):
                 f"{self.taps or 'no layers'}. Rebuild it with features={sorted(set(self.taps) | set(paths))}."
             )
         self._selected = paths
+        self._served = [(name, self._feature_files[name]) for name in paths]
+        self._ram_logits = self._short_path_logits()
+
+    def _short_path_logits(self) -> torch.Tensor | None:
+        """The logits array in RAM if ``__call__`` may serve batches as rows of it alone."""
+        if self._tensors is None or self._views or self.mode != "full" or self._served:
+            return None
+        return self._tensors["logits.npy"]
 
     def _rows(self, batch: Batch) -> torch.Tensor:
         """The stored rows of the batch's samples: ``(B,)`` int64 on the CPU."""
@@ -537,7 +552,7 @@ class TeacherCache(Teacher):
             )
         if self._row_of is not None:
             rows = self._row_of[rows]
-        if not self.views:
+        if not self._views:
             if view is not None:
                 raise CacheMismatchError(
                     f"the batch is view {view} of an augmented cache, but teacher cache {self.path} holds the "
@@ -568,10 +583,25 @@ class TeacherCache(Teacher):
             ValueError: ``batch.index`` is missing or malformed.
             CacheMismatchError: an index outside ``[0, N)``.
         """
-        rows = self._rows(batch)
-        device = batch.inputs.device
-        if self.in_memory and self._tensors is None:
+        # 1. the short path (a full-logit cache in RAM, a batch of rows): what a hand-written loop
+        #    does, one index_select and one cast. index_select refuses what is not rows of the
+        #    array; the long path then explains it (or serves it: an index on another device)
+        logits = self._ram_logits
+        if logits is None and self._tensors is None and self.in_memory:
             self._tensors = {f: torch.from_numpy(np.array(a)) for f, a in self._arrays.items() if f != VIEW_SEEDS}
+            logits = self._ram_logits = self._short_path_logits()
+        if logits is not None and batch.view is None:
+            index = batch.index
+            try:
+                picked = logits.index_select(0, index if self._row_of is None else self._row_of.index_select(0, index))
+            except (TypeError, IndexError, RuntimeError):
+                picked = None
+            if picked is not None and index.dim() == 1 and picked.shape[0] == batch.inputs.shape[0]:
+                device = batch.inputs.device
+                return Outputs(picked.float() if device.type == "cpu" else picked.to(device=device, dtype=torch.float32))
+        # 2. the long path: every check, top-k logits, features, views, memory maps
+        device = batch.inputs.device
+        rows = self._rows(batch)
         if self._tensors is not None:
             def read(fname: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
                 return self._tensors[fname].index_select(0, rows).to(device=device, dtype=dtype)
@@ -589,6 +619,5 @@ class TeacherCache(Teacher):
             tail = read("tail.npy") if t == 1.0 else read("tail_at.npy")[..., self.tail_temperatures.index(t)]
             logits = topk_to_logits(read("topk_values.npy"), read("topk_indices.npy", torch.int64),
                                     tail, self.num_classes, temperature=t)
-        names = self.taps if self._selected is None else self._selected
-        features = {name: read(self._feature_files[name]) for name in names}
+        features = {name: read(fname) for name, fname in self._served}
         return Outputs(logits=logits, features=features)
