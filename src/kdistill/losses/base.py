@@ -25,6 +25,22 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`compute_dtype`: ``x`` itself when it is float32 or float64 (no
+    operation at all, which matters in a training step of a small model), else upcast.
+
+    Args:
+        x: a logits or feature tensor.
+
+    Returns:
+        ``x``, or a float32 copy of it.
+    """
+    return x if x.dtype in _WIDE else x.to(compute_dtype(x))
+
+
 def check_weight(name: str, value: float, meaning: str = "it scales the loss; 0 turns it off") -> float:
     """Check a weight (or another factor that must be a finite number ``>= 0``).
 
@@ -148,8 +164,10 @@ class DistillationLoss(nn.Module):
 
     def set_progress(self, epoch: int, global_step: int) -> None:
         """The trainer's position: 0-based epoch and optimizer steps taken so far."""
-        self.epoch = epoch
-        self.global_step = global_step
+        # plain attributes, never parameters, buffers or modules: set them in the instance's
+        # dict directly (nn.Module.__setattr__ would look them up in all three, every step)
+        d = self.__dict__
+        d["epoch"], d["global_step"] = epoch, global_step
 
     def features(self, student: Outputs, teacher: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's and the teacher's tapped tensors this loss reads.

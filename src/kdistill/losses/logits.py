@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidDivergenceError
 from ..outputs import UNLABELLED, Batch, Outputs
-from .base import DistillationLoss, check_weight, compute_dtype
+from .base import DistillationLoss, check_weight, compute_dtype, in_compute_dtype
 
 #: Smallest probability used when a divergence is computed from probabilities (Keras's
 #: ``epsilon``): keeps ``log`` finite where a distribution has exact zeros.
@@ -104,14 +104,17 @@ def kd_loss(
         ValueError: if the shapes differ or ``temperature`` is not positive.
     """
     t = check_temperature(temperature)
-    check_same_classes(student_logits, teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        check_same_classes(student_logits, teacher_logits)  # raises, naming both shapes
     # half precision is upcast to float32; float32 and float64 keep their precision; the
     # teacher's soft targets are a fixed target, as in every other logits loss
-    log_p_s = F.log_softmax(student_logits.to(compute_dtype(student_logits)) / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().to(compute_dtype(teacher_logits)) / t, dim=-1)
+    if teacher_logits.requires_grad:
+        teacher_logits = teacher_logits.detach()
+    log_p_s = (in_compute_dtype(student_logits) / t).log_softmax(-1)
+    log_p_t = (in_compute_dtype(teacher_logits) / t).log_softmax(-1)
     # (B, C) -> (B,): KL per sample; exp(log_p_t) is the teacher's soft target
     per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
-    loss = masked_mean(per_sample, mask)
+    loss = per_sample.mean() if mask is None else masked_mean(per_sample, mask)
     return loss * (t * t) if temperature_squared else loss
 
 
