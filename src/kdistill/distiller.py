@@ -7,7 +7,6 @@ The API is the shape of ``keras.Model`` and of the classic Keras ``Distiller`` e
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -101,6 +100,14 @@ class _EpochMeans:
 
     def update(self, logs: dict[str, float], weights: dict[str, float]) -> None:
         """Add one step's logs, ``weights[name]`` (or ``weights["*"]``) samples each."""
+        if self.shared is None:  # straight in: the same sums as weigh-then-add, without the dicts between
+            default = weights["*"]
+            for k, v in logs.items():
+                w = weights.get(k, default)
+                if w > 0:
+                    self.sums[k] = self.sums.get(k, 0.0) + v * w
+                    self.weights[k] = self.weights.get(k, 0.0) + w
+            return
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
         self.weigh(logs, weights, sums, counts)
@@ -181,13 +188,26 @@ def _describe(obj: Any) -> Any:
     return f"{getattr(obj, '__module__', None) or type(obj).__module__}.{name}"
 
 
-def _to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Step logs as Python floats, read with one device synchronisation."""
-    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
-    out = {k: float(v) for k, v in logs.items() if k not in tensors}  # a user's train_step may return floats
-    if tensors:
-        values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
-        out.update(zip(tensors, values))
+def _to_floats(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Step logs as Python floats (each read as float32, as logged), with at most one
+    device synchronisation.
+
+    Tensors on the CPU are read one by one: reading them synchronises nothing, and one
+    ``item()`` costs less than the four operations of gathering them into one tensor.
+    Tensors on an accelerator are stacked and read at once."""
+    out: dict[str, float] = {}
+    pending: dict[str, torch.Tensor] = {}
+    for k, v in logs.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = float(v)  # a user's train_step may return floats
+        elif v.is_cpu:
+            out[k] = v.item() if v.dtype == torch.float32 else float(v.detach().float())
+        else:
+            pending[k] = v
+    if not pending:
+        return out
+    values = torch.stack([v.detach().float().reshape(()) for v in pending.values()]).tolist()
+    out.update(zip(pending, values))
     return {k: out[k] for k in logs}
 
 
@@ -275,6 +295,8 @@ class Trainer:
         self._has_grads = False  # a backward pass ran since the gradients were zeroed
         self._calls_since_step = 0  # train_step calls outside fit since the last optimizer step
         self._grad_norm: torch.Tensor | None = None  # of the last optimizer step, when clipping
+        # the logs the last train_step read (their tensors and values), so fit does not read them again
+        self._step_values: tuple[dict[str, Any], dict[str, float]] | None = None
         self.stop_training = False
         self.history: History | None = None
         self.epoch = 0
@@ -447,7 +469,7 @@ class Trainer:
             n = int(both.sum())
             if n == 0:
                 return logits.new_zeros(()), 0
-            z = logits[both] / self.train_temperature
+            z = logits[both] if self.train_temperature == 1.0 else logits[both] / self.train_temperature
             lam = batch.mix.lam
             return lam * self.loss_fn(z, batch.targets[both]) + (1 - lam) * self.loss_fn(z, batch.mix.targets[both]), n
         mask = batch.labelled
@@ -458,8 +480,9 @@ class Trainer:
             if n == 0:
                 return logits.new_zeros(()), 0
             logits, targets = logits[mask], batch.targets[mask]
-        try:
-            return self.loss_fn(logits / self.train_temperature, targets), n
+        try:  # (x / 1 is x, bit for bit: the ordinary softmax needs no division)
+            return self.loss_fn(logits if self.train_temperature == 1.0 else logits / self.train_temperature,
+                                targets), n
         except IndexError as e:  # a label outside [0, C)
             raise ValueError(
                 f"labels must be class indices in [0, {logits.shape[-1]}) for a model with "
@@ -483,7 +506,12 @@ class Trainer:
         Reads every term with one device synchronisation and returns them as floats.
         """
         values = _to_floats(terms)
-        for name, value in values.items():
+        self._check_values(values, terms)
+        return values
+
+    def _check_values(self, values: dict[str, float], names: Iterable[str]) -> None:
+        for name in names:
+            value = values[name]
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss term '{name}' is {value} at epoch {self.epoch + 1}, step "
@@ -491,7 +519,42 @@ class Trainer:
                     "before the optimizer step, so the weights are the last finite ones. Common "
                     "causes: a learning rate too high, NaN/inf in the inputs, or a loss taking log(0)."
                 )
+
+    def _read_step_logs(self, logs: dict[str, torch.Tensor], terms: Iterable[str]) -> dict[str, float]:
+        """Read a training step's logs (loss terms and metrics) with one device
+        synchronisation, before its optimizer step, and raise
+        :class:`NonFiniteLossError` if one of ``terms`` (names in ``logs``) is NaN/inf.
+
+        ``fit`` then logs these values without reading the same tensors again: one read
+        per step, which is what checking the loss for NaN costs anyway.
+
+        Returns:
+            ``logs`` as floats.
+        """
+        values = _to_floats(logs)
+        for name in terms:
+            if not math.isfinite(values[name]):
+                self._check_values(values, terms)  # raises, naming the term
+        self._step_values = (dict(logs), values)
         return values
+
+    def _logged_values(self, logs: dict[str, Any]) -> dict[str, float]:
+        """The floats of the logs a ``train_step`` returned: those it read already
+        (:meth:`_read_step_logs`, the same tensors), the rest (``grad_norm``, or logs a
+        subclass added or replaced) read now."""
+        known, self._step_values = self._step_values, None
+        if known is None:
+            return _to_floats(logs)
+        tensors, values = known
+        if len(tensors) == len(logs):
+            for k, v in logs.items():
+                if tensors.get(k) is not v:
+                    break
+            else:  # the logs train_step read, unchanged
+                return values
+        rest = {k: v for k, v in logs.items() if tensors.get(k) is not v}
+        read = _to_floats(rest)
+        return {k: read[k] if k in rest else values[k] for k in logs}
 
     def micro_step(self) -> _MicroStep:
         """Where the batch being trained on sits in the optimizer step: ``first``,
@@ -567,9 +630,9 @@ class Trainer:
         when clipping."""
         logits = self.forward(self.training_model, batch.inputs)
         loss, _ = self.supervised_loss(logits, batch)
-        self.check_finite({"loss": loss})
-        norm = self.optimize(loss, weight=self.micro_step().labelled)  # a mean over the labelled samples
         logs = {"loss": loss.detach(), **self.compute_metrics(logits.detach(), batch)}
+        self._read_step_logs(logs, ("loss",))  # one read: a NaN loss stops before the optimizer step
+        norm = self.optimize(loss, weight=self.micro_step().labelled)  # a mean over the labelled samples
         if norm is not None:
             logs["grad_norm"] = norm
         return logs
@@ -589,9 +652,8 @@ class Trainer:
         n = float(len(batch))
         mask = batch.labelled
         n_lab = 0.0 if batch.targets is None else n if mask is None else float(mask.sum())
-        weights = {"*": n}
-        for name in (*self.metrics, *self.label_weighted_logs):
-            weights[name] = n_lab
+        weights = dict.fromkeys((*self.metrics, *self.label_weighted_logs), n_lab)
+        weights["*"] = n
         return weights
 
     @property
@@ -775,6 +837,10 @@ class Trainer:
         """Called by :meth:`fit` after a resume was restored (or where it would be)."""
 
     def _train_epochs(self, cbs: list, val: Any, epochs: int, start_epoch: int, start_step: int) -> None:
+        # the callbacks with an on_train_batch_end of their own (the base one does nothing): the
+        # epoch's running means are made for them only
+        batch_cbs = [cb for cb in cbs if "on_train_batch_end" in getattr(cb, "__dict__", ())
+                     or type(cb).on_train_batch_end is not Callback.on_train_batch_end]
         for cb in cbs:
             cb.on_train_begin()
         # 2. train, one epoch at a time
@@ -791,9 +857,10 @@ class Trainer:
                 self._optimizer_step(step)
                 self.global_step += 1
                 self.step_in_epoch = step + 1
-                running = self._means.result()
-                for cb in cbs:
-                    cb.on_train_batch_end(step, running)
+                if batch_cbs:
+                    running = self._means.result()
+                    for cb in batch_cbs:
+                        cb.on_train_batch_end(step, running)
             if self._step_sums is None:
                 epoch_logs = distributed.reduce_weighted_means(self._means.sums, self._means.weights)
             else:  # summed across the processes step by step already
@@ -826,23 +893,29 @@ class Trainer:
         try:
             for i, (batch, (samples, labelled)) in enumerate(zip(group, shares)):
                 last = i == n - 1
-                self._micro = _MicroStep(i == 0, last, samples, labelled)
+                self._micro = _WHOLE if n == 1 else _MicroStep(i == 0, last, samples, labelled)
                 batch = self._augment_batch(batch.to(self.device))
                 self._last_batch_size += len(batch)
-                # DDP: no gradient all-reduce before the last micro-batch (it reduces the sum)
-                no_sync = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
-                with no_sync:
+                self._step_values = None
+                if self._ddp is not None and not last:  # DDP: no all-reduce before the last micro-batch
+                    with self._ddp.no_sync():
+                        logs = self.train_step(batch)
+                else:
                     logs = self.train_step(batch)
                 if last and self._grad_norm is not None and "grad_norm" not in logs:  # a train_step of one's own
                     logs["grad_norm"] = self._grad_norm
-                logs = _to_floats(logs)
+                logs = self._logged_values(logs)  # read by train_step already, but for grad_norm
                 weights = self._step_weights(batch)
                 if "grad_norm" in logs:  # one per optimizer step; none for a step fp16 skipped (overflow)
                     weights["grad_norm"] = 1.0 if math.isfinite(logs["grad_norm"]) else 0.0
-                _EpochMeans.weigh(logs, weights, sums, counts)
+                if n > 1:
+                    _EpochMeans.weigh(logs, weights, sums, counts)
         finally:
             self._micro = None
-        self._means.add(sums, counts)
+        if n == 1:
+            self._means.update(logs, weights)
+        else:
+            self._means.add(sums, counts)
 
     @staticmethod
     def _shares(group: list[Batch]) -> list[tuple[float, float]]:
@@ -1087,6 +1160,9 @@ class Distiller(Trainer):
         self._pair_checked = False
         self._losses_ready = False
         self._student_taps: FeatureTaps | None = None
+        self._parts: list[tuple[str, DistillationLoss]] = []  # _named_parts() of _parts_of
+        self._staged: list[tuple[str, DistillationLoss]] = []  # those of them that may be exclusive
+        self._parts_of: DistillationLoss | None = None
 
     @property
     def student(self) -> nn.Module:
@@ -1226,10 +1302,12 @@ class Distiller(Trainer):
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One distillation step; returns ``loss``, ``student_loss``,
         ``distillation_loss`` and the metrics."""
-        self._require_compiled()
+        if self.optimizer is None:
+            self._require_compiled()
         if not self._losses_ready:
             self.setup(batch)  # your own loop: set up on the first batch
-        self.distillation_loss.set_progress(self.epoch, self.global_step)
+        distill = self.distillation_loss
+        distill.set_progress(self.epoch, self.global_step)
         # 1. the frozen teacher's outputs (no graph, no grad), with its tapped layers
         teacher_out = self.teacher(batch)
         # 2. the student's forward, with its tapped layers
@@ -1242,17 +1320,15 @@ class Distiller(Trainer):
         else:
             student_loss, _ = self.supervised_loss(student_out.logits, batch)
         # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
-        parts = self.distillation_loss.named_terms(student_out, teacher_out, batch)
+        parts = distill.named_terms(student_out, teacher_out, batch)
         distillation_loss = next(iter(parts.values())) if len(parts) == 1 else sum(parts.values())
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
         if len(parts) > 1:
             terms.update({f"distillation/{k}": v for k, v in parts.items()})
-        values = self.check_finite(terms)  # one device sync for every check
-        if self.distillation_loss.nonnegative:
-            check_divergence(self.distillation_loss.name, values["distillation_loss"])
-        solo = [name for name, part in self._named_parts() if part.exclusive]
+        staged = self._staged_parts()
+        solo = [name for name, part in staged if part.exclusive] if staged else staged
         if solo:  # a staged method's first stage (FitNets' hints): its terms alone train
-            if isinstance(self.distillation_loss, WeightedSum):
+            if isinstance(distill, WeightedSum):
                 loss = sum(v for k, v in parts.items() if k.split("/", 1)[0] in solo)
             else:
                 loss = distillation_loss
@@ -1262,6 +1338,15 @@ class Distiller(Trainer):
             loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         else:
             loss = self.student_loss_weight * student_loss + distillation_loss
+        logs = {"loss": loss.detach(), "student_loss": student_loss.detach(),
+                "distillation_loss": distillation_loss.detach()}
+        if len(terms) > 2:
+            logs.update({k: v.detach() for k, v in terms.items()})
+        logs.update(self.compute_metrics(student_out.logits.detach(), batch))
+        # one read of every log (one device sync): a NaN/inf term stops training before the optimizer step
+        values = self._read_step_logs(logs, terms)
+        if distill.nonnegative and values["distillation_loss"] < 0:  # (beyond rounding: check_divergence says)
+            check_divergence(distill.name, values["distillation_loss"])
         # 4. update the student; accumulating, each term counts for this micro-batch's share of
         #    the samples it is a mean over (the hard-label term: the labelled ones)
         micro = self.micro_step()
@@ -1272,8 +1357,6 @@ class Distiller(Trainer):
                           else (self.student_loss_weight, 1.0))
             norm = self.optimize(hard * micro.labelled * student_loss + soft * micro.samples * distillation_loss,
                                  weight=1.0)
-        logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-        logs.update(self.compute_metrics(student_out.logits.detach(), batch))
         if norm is not None:
             logs["grad_norm"] = norm
         return logs
@@ -1307,7 +1390,19 @@ class Distiller(Trainer):
 
     def _named_parts(self) -> list[tuple[str, DistillationLoss]]:
         loss = self.distillation_loss
-        return list(loss.parts.items()) if isinstance(loss, WeightedSum) else [(loss.name, loss)]
+        if self._parts_of is not loss:  # once per loss, not per step
+            self._parts = list(loss.parts.items()) if isinstance(loss, WeightedSum) else [(loss.name, loss)]
+            # the parts that may train alone at some point (their class defines `exclusive`)
+            self._staged = [(name, part) for name, part in self._parts
+                            if type(part).exclusive is not DistillationLoss.exclusive]
+            self._parts_of = loss
+        return self._parts
+
+    def _staged_parts(self) -> list[tuple[str, DistillationLoss]]:
+        """The named parts whose ``exclusive`` may be true (asked each step); ``[]`` for most losses."""
+        if self._parts_of is not self.distillation_loss:
+            self._named_parts()
+        return self._staged
 
     def tapped_layers(self) -> dict[str, list[str]]:
         """``{"student": [paths], "teacher": [paths]}`` the losses read."""
