@@ -146,3 +146,21 @@ def test_running_means_reach_every_callback_that_reads_batch_ends():
     assert len(got["subclass"]) == len(got["instance"]) == 3
     assert got["subclass"] == got["instance"]
     assert set(got["subclass"][-1]) == {"loss", "student_loss", "distillation_loss", "accuracy"}
+
+
+@pytest.mark.parametrize("kind", ["trainer", "distiller"])
+def test_a_hand_made_batch_with_unlabelled_samples_trains_as_one_whose_mask_is_known(kind):
+    x, y = _data(n=16)
+    y = y.clone()
+    y[[2, 9]] = -1
+    a, b = _trainer(kind), _trainer(kind)
+    known = Batch(x, y, torch.arange(16))
+    assert known.labelled is not None  # computed before the step
+    logs_a = a.train_step(known)
+    fresh = Batch(x, y, torch.arange(16))  # the step finds the unlabelled samples itself
+    logs_b = b.train_step(fresh)
+    assert fresh.labelled.tolist() == (y != -1).tolist()
+    assert {k: float(v) for k, v in logs_a.items()} == {k: float(v) for k, v in logs_b.items()}
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\).*from 0 to 7"):
+        b.train_step(Batch(x, torch.where(y == 3, 7, y), torch.arange(16)))

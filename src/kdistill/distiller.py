@@ -472,6 +472,22 @@ class Trainer:
             z = logits[both] if self.train_temperature == 1.0 else logits[both] / self.train_temperature
             lam = batch.mix.lam
             return lam * self.loss_fn(z, batch.targets[both]) + (1 - lam) * self.loss_fn(z, batch.mix.targets[both]), n
+        fn, t = self.loss_fn, self.train_temperature
+        # An nn.CrossEntropyLoss without hooks of its own is called as nn.Module calls it, through its
+        # forward, without the module-call machinery (~15 us in a small model's step; global module
+        # hooks are not run for it). On the CPU it refuses a -1 target (IndexError), so a batch it
+        # takes whole is all labelled: no look for unlabelled samples first (a reduction and a read).
+        plain_ce = type(fn) is nn.CrossEntropyLoss and not (
+            fn._forward_pre_hooks or fn._forward_hooks or fn._backward_pre_hooks or fn._backward_hooks)
+        call = fn.forward if plain_ce else fn
+        if plain_ce and not batch.labelled_known and fn.ignore_index != UNLABELLED and logits.is_cpu:
+            try:
+                loss = call(logits if t == 1.0 else logits / t, batch.targets)
+            except IndexError:
+                pass  # a -1 target, or a label out of range: see below
+            else:
+                batch.labelled = None
+                return loss, len(batch)
         mask = batch.labelled
         if mask is None:
             logits, targets, n = logits, batch.targets, len(batch)
@@ -481,8 +497,7 @@ class Trainer:
                 return logits.new_zeros(()), 0
             logits, targets = logits[mask], batch.targets[mask]
         try:  # (x / 1 is x, bit for bit: the ordinary softmax needs no division)
-            return self.loss_fn(logits if self.train_temperature == 1.0 else logits / self.train_temperature,
-                                targets), n
+            return call(logits if t == 1.0 else logits / t, targets), n
         except IndexError as e:  # a label outside [0, C)
             raise ValueError(
                 f"labels must be class indices in [0, {logits.shape[-1]}) for a model with "
@@ -1311,7 +1326,8 @@ class Distiller(Trainer):
         # 1. the frozen teacher's outputs (no graph, no grad), with its tapped layers
         teacher_out = self.teacher(batch)
         # 2. the student's forward, with its tapped layers
-        student_out = Outputs(self.forward(self.training_model, batch.inputs), self._pop_student_features())
+        student_out = Outputs(self.forward(self.training_model, batch.inputs),
+                              {} if self._student_taps is None else self._student_taps.pop())
         if not self._pair_checked:
             self._check_pair(student_out, teacher_out)
         # 3. the two loss terms; unlabelled samples add only the distillation term
@@ -1325,7 +1341,9 @@ class Distiller(Trainer):
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
         if len(parts) > 1:
             terms.update({f"distillation/{k}": v for k, v in parts.items()})
-        staged = self._staged_parts()
+        if self._parts_of is not distill:
+            self._named_parts()
+        staged = self._staged  # the parts that may train alone (FitNets' hint stage): asked each step
         solo = [name for name, part in staged if part.exclusive] if staged else staged
         if solo:  # a staged method's first stage (FitNets' hints): its terms alone train
             if isinstance(distill, WeightedSum):
@@ -1397,12 +1415,6 @@ class Distiller(Trainer):
                             if type(part).exclusive is not DistillationLoss.exclusive]
             self._parts_of = loss
         return self._parts
-
-    def _staged_parts(self) -> list[tuple[str, DistillationLoss]]:
-        """The named parts whose ``exclusive`` may be true (asked each step); ``[]`` for most losses."""
-        if self._parts_of is not self.distillation_loss:
-            self._named_parts()
-        return self._staged
 
     def tapped_layers(self) -> dict[str, list[str]]:
         """``{"student": [paths], "teacher": [paths]}`` the losses read."""

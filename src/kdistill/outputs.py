@@ -86,6 +86,11 @@ class Batch:
     def labelled(self, mask: torch.Tensor | None) -> None:
         self._labelled = mask
 
+    @property
+    def labelled_known(self) -> bool:
+        """Whether :attr:`labelled` is known already (computed, or set by the loader)."""
+        return self._labelled is not _UNKNOWN
+
     def _find_labelled(self) -> torch.Tensor | None:
         targets = self.targets
         if targets is None:

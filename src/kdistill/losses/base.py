@@ -25,7 +25,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
 
 
-_WIDE = (torch.float32, torch.float64)
+#: Floating-point dtypes a loss computes in as they are (float32 and wider).
+WIDE_DTYPES = (torch.float32, torch.float64)
 
 
 def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``x``, or a float32 copy of it.
     """
-    return x if x.dtype in _WIDE else x.to(compute_dtype(x))
+    return x if x.dtype in WIDE_DTYPES else x.to(compute_dtype(x))
 
 
 def check_weight(name: str, value: float, meaning: str = "it scales the loss; 0 turns it off") -> float:

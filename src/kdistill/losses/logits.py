@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidDivergenceError
 from ..outputs import UNLABELLED, Batch, Outputs
-from .base import DistillationLoss, check_weight, compute_dtype, in_compute_dtype
+from .base import WIDE_DTYPES, DistillationLoss, check_weight, compute_dtype, in_compute_dtype
 
 #: Smallest probability used when a divergence is computed from probabilities (Keras's
 #: ``epsilon``): keeps ``log`` finite where a distribution has exact zeros.
@@ -110,8 +110,10 @@ def kd_loss(
     # teacher's soft targets are a fixed target, as in every other logits loss
     if teacher_logits.requires_grad:
         teacher_logits = teacher_logits.detach()
-    log_p_s = (in_compute_dtype(student_logits) / t).log_softmax(-1)
-    log_p_t = (in_compute_dtype(teacher_logits) / t).log_softmax(-1)
+    if student_logits.dtype not in WIDE_DTYPES or teacher_logits.dtype not in WIDE_DTYPES:
+        student_logits, teacher_logits = in_compute_dtype(student_logits), in_compute_dtype(teacher_logits)
+    log_p_s = (student_logits / t).log_softmax(-1)
+    log_p_t = (teacher_logits / t).log_softmax(-1)
     # (B, C) -> (B,): KL per sample; exp(log_p_t) is the teacher's soft target
     per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     loss = per_sample.mean() if mask is None else masked_mean(per_sample, mask)
