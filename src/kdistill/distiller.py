@@ -606,7 +606,7 @@ class Trainer:
             the step's logs are) when this call stepped the optimizer with
             ``max_grad_norm`` set; else ``None``.
         """
-        micro = self.micro_step()
+        micro = self._micro or self.micro_step()  # (fit sets _micro for each batch)
         if micro.first:
             self.optimizer.zero_grad(set_to_none=True)
             self._has_grads = False
@@ -900,7 +900,7 @@ class Trainer:
         when its batches do not divide evenly), and add their logs to the epoch's means
         once (in a multi-process fit, one collective per optimizer step)."""
         n = min(self.accumulate_steps, self._batches_per_epoch - step * self.accumulate_steps)
-        group = [self._passes.next() for _ in range(n)]
+        group = [self._passes.next()] if n == 1 else [self._passes.next() for _ in range(n)]
         shares = self._shares(group)
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
@@ -1326,7 +1326,7 @@ class Distiller(Trainer):
         # 1. the frozen teacher's outputs (no graph, no grad), with its tapped layers
         teacher_out = self.teacher(batch)
         # 2. the student's forward, with its tapped layers
-        student_out = Outputs(self.forward(self.training_model, batch.inputs),
+        student_out = Outputs(self.forward(self.model if self._ddp is None else self._ddp, batch.inputs),
                               {} if self._student_taps is None else self._student_taps.pop())
         if not self._pair_checked:
             self._check_pair(student_out, teacher_out)
@@ -1337,7 +1337,10 @@ class Distiller(Trainer):
             student_loss, _ = self.supervised_loss(student_out.logits, batch)
         # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
         parts = distill.named_terms(student_out, teacher_out, batch)
-        distillation_loss = next(iter(parts.values())) if len(parts) == 1 else sum(parts.values())
+        if len(parts) == 1:
+            (distillation_loss,) = parts.values()
+        else:
+            distillation_loss = sum(parts.values())
         terms = {"student_loss": student_loss, "distillation_loss": distillation_loss}
         if len(parts) > 1:
             terms.update({f"distillation/{k}": v for k, v in parts.items()})
@@ -1367,7 +1370,7 @@ class Distiller(Trainer):
             check_divergence(distill.name, values["distillation_loss"])
         # 4. update the student; accumulating, each term counts for this micro-batch's share of
         #    the samples it is a mean over (the hard-label term: the labelled ones)
-        micro = self.micro_step()
+        micro = self._micro or self.micro_step()
         if solo or micro.labelled == micro.samples:
             norm = self.optimize(loss)
         else:
@@ -1441,7 +1444,7 @@ class Distiller(Trainer):
 
     def _augment_batch(self, batch: Batch) -> Batch:
         # fit's augmentation (if the teacher allows one), then what the teacher needs (a cached view replayed)
-        return self.teacher.prepare(super()._augment_batch(batch), self.epoch)
+        return self.teacher.prepare(batch if self.augment is None else super()._augment_batch(batch), self.epoch)
 
     def _after_restore(self, train: Any, generator: torch.Generator) -> None:
         """Run the pre-training stage of every loss that has one and has not run it

@@ -58,9 +58,11 @@ class Batch:
         """Return the batch on ``device`` (non-blocking where that is safe): the batch
         itself when every tensor is there already (no copies, and what was computed
         about it, such as :attr:`labelled`, is kept)."""
-        device = torch.device(device)
-        tensors = (self.inputs, self.targets, self.index, None if self.mix is None else self.mix.targets)
-        if all(t is None or t.device == device for t in tensors):
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        if (self.inputs.device == device and (self.targets is None or self.targets.device == device)
+                and (self.index is None or self.index.device == device)
+                and (self.mix is None or self.mix.targets.device == device)):
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         mix = None if self.mix is None else Mix(move(self.mix.targets), self.mix.lam)
