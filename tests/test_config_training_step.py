@@ -50,7 +50,7 @@ def test_fingerprints_keep_their_value_at_the_defaults_and_change_with_a_setting
         tmp_path, precision="fp32", accumulate_steps=1, max_grad_norm=None)))
     assert config_fingerprint(plain) == config_fingerprint(explicit)
     assert "accumulate_steps" not in stage_settings(plain.stages.distil)
-    for change in ({"precision": "bf16"}, {"accumulate_steps": 2}, {"max_grad_norm": 1.0}):
+    for change in ({"precision": "bf16"}, {"accumulate_steps": 2}, {"max_grad_norm": 1.0}, {"ema_decay": 0.9}):
         other = validate_config(tiny_config(tmp_path, stages=_stages(tmp_path, **change)))
         assert config_fingerprint(other) != config_fingerprint(plain), change
         assert stage_settings(other.stages.distil) != stage_settings(plain.stages.distil), change
@@ -80,6 +80,25 @@ def test_a_run_trains_its_stages_with_the_settings(tmp_path):
     assert distil["accumulate_steps"] == 2 and distil["precision"] == "bf16"
     batches = scratch["global_step"] // 2
     assert distil["global_step"] == 2 * -(-batches // 2)
+
+
+def test_a_stage_with_ema_decay_ends_with_the_average_of_its_weights(tmp_path):
+    import torch as _torch
+
+    from kdistill.experiment import load_stage_model
+
+    stages = _stages(tmp_path, ema_decay=0.5)
+    raw = tiny_config(tmp_path / "run", device="cpu", stages=stages)
+    run_experiment(validate_config(raw), verbose=0, log=lambda m: None)
+    state = read_training_state(tmp_path / "run" / "stages" / "distil" / "last.pt")
+    averaged = state["callbacks"]["EMA"]["averaged"]  # the average, saved with the training state
+    assert int(averaged["n_averaged"]) == state["global_step"]
+    final = load_stage_model(tmp_path / "run", "distil")
+    raw_weights = state["modules"]["model"]
+    for k, v in final.state_dict().items():
+        assert _torch.equal(v, averaged[f"module.{k}"]), k  # the stage's checkpoint is the average
+    assert any(not _torch.equal(v, raw_weights[k]) for k, v in final.state_dict().items())
+    assert "EMA" not in read_training_state(tmp_path / "run" / "stages" / "scratch" / "last.pt")["callbacks"]
 
 
 # ------------------------------------------------------------------ one table each

@@ -347,3 +347,72 @@ class TrainingCheckpoint(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._save()
+
+
+class EMA(Callback):
+    """An exponential moving average of the model's weights, put into the model when
+    training ends.
+
+    After every optimizer step the average moves towards the current weights:
+    ``avg = decay * avg + (1 - decay) * w`` (``torch.optim.swa_utils.AveragedModel`` with
+    ``get_ema_multi_avg_fn``; batch-norm statistics are averaged the same way). When
+    ``fit`` ends the averaged weights replace the model's, so ``evaluate``, ``predict``,
+    checkpoints, reports and exports all use them; the validation curves during training are
+    those of the raw weights. Its state is part of the trainer's training state, so a
+    resumed fit continues the same average.
+
+    Put it before any :class:`TrainingCheckpoint` in the callback list (a checkpoint saved
+    after a step then holds the average of that step); the experiment runner does.
+
+    Args:
+        decay: weight of the running average per step, in ``[0, 1)`` (0.999: an average
+            over roughly the last 1,000 steps).
+        start_step: the first optimizer step (1-based, counted over the fit) that updates
+            the average; before it the average follows the weights exactly.
+
+    Raises:
+        ValueError: ``decay`` outside ``[0, 1)`` or a negative ``start_step``.
+    """
+
+    def __init__(self, decay: float = 0.999, *, start_step: int = 0):
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}: 0.999 averages over about the last 1,000 steps")
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
+        self.decay = float(decay)
+        self.start_step = start_step
+        self.averaged: Any = None
+        self._pending: dict | None = None  # a state to restore once the model is known
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # each fit starts the average from the model's weights, or continues a restored one
+        self.averaged = AveragedModel(self.trainer.model, multi_avg_fn=get_ema_multi_avg_fn(self.decay),
+                                      use_buffers=True)
+        if self._pending is not None:
+            self.averaged.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_train_batch_end(self, step: int, logs: dict | None = None) -> None:
+        model = self.trainer.model
+        if int(self.trainer.global_step) <= self.start_step and int(self.averaged.n_averaged) > 0:
+            # not started: follow the weights (the average starts from them)
+            for avg, p in zip(self.averaged.module.state_dict().values(), model.state_dict().values()):
+                avg.copy_(p)
+            return
+        self.averaged.update_parameters(model)  # the first update copies the weights
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.trainer.model.load_state_dict(self.averaged.module.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average (weights, buffers and the number of updates)."""
+        return {} if self.averaged is None else {"averaged": self.averaged.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the average of a saved training state (applied when training begins)."""
+        self._pending = state.get("averaged")
+
+    def __repr__(self) -> str:
+        return f"EMA(decay={self.decay}, start_step={self.start_step})"

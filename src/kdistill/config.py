@@ -409,7 +409,7 @@ class StageConfig(_Strict):
     """What every training stage (teacher, scratch, assistant, distil) sets: its epochs,
     optimizer, schedule, batch and training step (see
     :meth:`kdistill.Trainer.compile` for ``precision``, ``accumulate_steps`` and
-    ``max_grad_norm``)."""
+    ``max_grad_norm``; :class:`kdistill.callbacks.EMA` for ``ema_decay``)."""
 
     epochs: int = Field(default=1, ge=1)
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="adam", lr=1e-3))
@@ -421,6 +421,10 @@ class StageConfig(_Strict):
         default=1, ge=1, description="batches per optimizer step (gradient accumulation); the batch size is per batch")
     max_grad_norm: float | None = Field(
         default=None, gt=0, description="clip the gradients to this total norm before each optimizer step")
+    ema_decay: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="keep an exponential moving average of the weights with this decay per optimizer step "
+                    "(kdistill.callbacks.EMA, e.g. 0.999); the stage ends with, evaluates and exports the average")
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -685,7 +689,7 @@ def _format_errors(source: str, error: ValidationError, raw: Mapping[str, Any]) 
             parent = loc.rpartition(".")[0]
             known = _known_keys(parent)
             close = difflib.get_close_matches(loc.rpartition(".")[2], known, n=2)
-            msg = f"unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "") + (
+            msg = "unknown key" + (f" (did you mean {', '.join(close)}?)" if close else "") + (
                 f"; this section takes: {', '.join(known)}" if known else "")
         got = ""
         if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], (dict, list)):

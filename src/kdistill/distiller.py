@@ -451,7 +451,10 @@ class Trainer:
         """Run ``model`` on ``inputs`` (under autocast with ``precision`` bf16/fp16, the
         outputs then cast to float32); a rejected input shape or dtype is explained."""
         if self._autocast is None:
-            return self._checked_forward(model, inputs)
+            checked = self._checked_forward
+            if (tuple(inputs.shape[1:]), inputs.dtype) in checked.accepted:  # explained once per shape
+                return model(inputs)
+            return checked(model, inputs)
         with torch.autocast(self.device.type, dtype=self._autocast):
             out = self._checked_forward(model, inputs)
         return out.float()
@@ -487,7 +490,7 @@ class Trainer:
                 pass  # a -1 target, or a label out of range: see below
             else:
                 batch.labelled = None
-                return loss, len(batch)
+                return loss, logits.shape[0]
         mask = batch.labelled
         if mask is None:
             logits, targets, n = logits, batch.targets, len(batch)
@@ -645,7 +648,9 @@ class Trainer:
         when clipping."""
         logits = self.forward(self.training_model, batch.inputs)
         loss, _ = self.supervised_loss(logits, batch)
-        logs = {"loss": loss.detach(), **self.compute_metrics(logits.detach(), batch)}
+        logs = {"loss": loss.detach()}
+        if self.metrics or type(self).compute_metrics is not Trainer.compute_metrics:
+            logs.update(self.compute_metrics(logits.detach(), batch))
         self._read_step_logs(logs, ("loss",))  # one read: a NaN loss stops before the optimizer step
         norm = self.optimize(loss, weight=self.micro_step().labelled)  # a mean over the labelled samples
         if norm is not None:
@@ -802,6 +807,7 @@ class Trainer:
             cbs = [cb for cb in cbs if not getattr(cb, "main_process_only", False)]
         for cb in cbs:
             cb.set_trainer(self)
+        self._callbacks = cbs
         self.history = history
         self.stop_training = False
         self._epochs = epochs
@@ -1015,7 +1021,22 @@ class Trainer:
             "history": self.history.to_dict(),
             "rng": rng_state(),
             "elapsed_seconds": self.elapsed_seconds,
+            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
         }
+
+    def _stateful_callbacks(self) -> dict[str, Callback]:
+        """The fit's callbacks that keep state across a resume (``state_dict`` and
+        ``load_state_dict``: an EMA, a tracker's run), keyed ``ClassName`` (``ClassName#1``
+        for a second one of the class)."""
+        out: dict[str, Callback] = {}
+        for cb in getattr(self, "_callbacks", ()):
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+                name, i = type(cb).__qualname__, 1
+                key = name
+                while key in out:
+                    key, i = f"{name}#{i}", i + 1
+                out[key] = cb
+        return out
 
     @property
     def elapsed_seconds(self) -> float:
@@ -1060,6 +1081,10 @@ class Trainer:
             self._means.sums, self._means.weights = dict(state["means"]["sums"]), dict(state["means"]["weights"])
         self._passes.restore(state["data"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        saved_callbacks = state.get("callbacks") or {}
+        for key, cb in self._stateful_callbacks().items():
+            if key in saved_callbacks:  # (a callback added on resume starts afresh)
+                cb.load_state_dict(saved_callbacks[key])
         set_rng_state(state["rng"])  # last: restoring the data position draws nothing global
         if distributed.rank() > 0:  # rank 0's streams were saved: the others derive theirs from them
             seed_everything(int(torch.randint(0, 2**62, (1,))) + distributed.rank())
@@ -1363,7 +1388,8 @@ class Distiller(Trainer):
                 "distillation_loss": distillation_loss.detach()}
         if len(terms) > 2:
             logs.update({k: v.detach() for k, v in terms.items()})
-        logs.update(self.compute_metrics(student_out.logits.detach(), batch))
+        if self.metrics or type(self).compute_metrics is not Trainer.compute_metrics:
+            logs.update(self.compute_metrics(student_out.logits.detach(), batch))
         # one read of every log (one device sync): a NaN/inf term stops training before the optimizer step
         values = self._read_step_logs(logs, terms)
         if distill.nonnegative and values["distillation_loss"] < 0:  # (beyond rounding: check_divergence says)

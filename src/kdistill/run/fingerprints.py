@@ -43,15 +43,18 @@ def config_fingerprint(config: ExperimentConfig) -> str:
 
 #: Training-step settings of a stage and their defaults (see :func:`stage_settings`).
 STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": None}
+#: Stage settings that fingerprints leave out while at these defaults (the step settings,
+#: and the weight average of :class:`kdistill.callbacks.EMA`).
+OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None}
 
 
 def stage_settings(stage) -> dict[str, Any]:
     """A stage's settings as fingerprints hold them: :func:`config_dict`, less the
-    training-step settings (``precision``, ``accumulate_steps``, ``max_grad_norm``) left
-    at their defaults, so a stage trained without them keeps its fingerprint (and a
+    training-step settings (``precision``, ``accumulate_steps``, ``max_grad_norm``) and
+    ``ema_decay`` left at their defaults, so a stage trained without them keeps its fingerprint (and a
     stored teacher stays reusable); setting one makes it another stage."""
     d = config_dict(stage)
-    for key, default in STEP_DEFAULTS.items():
+    for key, default in OPTIONAL_DEFAULTS.items():
         if d.get(key, default) == default:
             d.pop(key, None)
     return d

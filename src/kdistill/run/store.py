@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import __version__, distributed
 from ..atomic import atomic_copy, atomic_write_text
-from ..callbacks import Callback, JSONLogger, TrainingCheckpoint
+from ..callbacks import EMA, Callback, JSONLogger, TrainingCheckpoint
 from ..checkpoint import CheckpointError, file_sha256, load_checkpoint, read_training_state, save_checkpoint
 from ..config import ExperimentConfig
 from ..data.datasets import DatasetSplits
@@ -133,7 +133,10 @@ def run_stage(ctx: StageContext, name: str, fp: str, model: nn.Module, make_trai
         ctx.log(f"[{name}] training")
     trainer = make_trainer()
     cfg = ctx.config
+    stage_cfg = getattr(cfg.stages, name)
     callbacks: list[Callback] = [
+        # the weight average first: a checkpoint saved after a step holds that step's average
+        *([EMA(stage_cfg.ema_decay)] if stage_cfg.ema_decay is not None else []),
         TrainingCheckpoint(sdir / "last.pt", every_steps=cfg.checkpoint.every_steps,
                            every_seconds=cfg.checkpoint.every_seconds),
         JSONLogger(sdir / "history.jsonl"),
