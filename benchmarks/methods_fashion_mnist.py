@@ -79,7 +79,7 @@ def methods(n_data: int) -> dict[str, tuple[dict, Callable[[], object] | None]]:
     """
     from kdistill import losses as L
 
-    ce1 = {"student_loss_weight": 1.0}
+    ce1 = {"label_loss_weight": 1.0}
     table = {
         "scratch": ({}, None),
         "kd": ({"alpha": 0.1}, lambda: KDLoss(temperature=4.0)),
@@ -87,7 +87,7 @@ def methods(n_data: int) -> dict[str, tuple[dict, Callable[[], object] | None]]:
     optional = {
         "dkd": (ce1, lambda: L.DKDLoss()),
         "dist": (ce1, lambda: L.DISTLoss()),
-        "kd_logit_std": ({"student_loss_weight": 0.1}, lambda: L.LogitStandardKDLoss()),
+        "kd_logit_std": ({"label_loss_weight": 0.1}, lambda: L.LogitStandardKDLoss()),
         "reverse_kl": ({"alpha": 0.1}, lambda: L.ReverseKLLoss(temperature=4.0)),
         "js": ({"alpha": 0.1}, lambda: L.JSDivergenceLoss(temperature=4.0)),
         "fitnets": (ce1, lambda: L.HintLoss(S_MAP, T_MAP)),

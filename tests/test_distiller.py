@@ -598,7 +598,7 @@ def kdistill_build(name, **kwargs):
     return build_model(name, **kwargs)
 
 
-def test_student_loss_weight_weighs_the_terms_independently():
+def test_label_loss_weight_weighs_the_terms_independently():
     import torch.nn.functional as F
 
     from kdistill import Distiller, KDLoss, kd_loss
@@ -608,12 +608,18 @@ def test_student_loss_weight_weighs_the_terms_independently():
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     d = Distiller(student=student, teacher=teacher, device="cpu")
     d.compile(torch.optim.SGD(student.parameters(), lr=0.0), distillation_loss_fn=KDLoss(temperature=2.0),
-              alpha=0.9, student_loss_weight=0.25)
+              alpha=0.9, label_loss_weight=0.25)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     logs = d.train_step(Batch(x, y))
     with torch.no_grad():
         s, t = student(x), teacher(x)
     expected = 0.25 * F.cross_entropy(s, y) + kd_loss(s, t, temperature=2.0)
     assert logs["loss"] == pytest.approx(float(expected), rel=1e-5)
-    with pytest.raises(ValueError, match="student_loss_weight must be >= 0"):
-        d.compile("adam", student_loss_weight=-1)
+    with pytest.raises(ValueError, match="label_loss_weight must be >= 0"):
+        d.compile("adam", label_loss_weight=-1)
+    # Keras 3's student_loss_weight (in [0, 1]) is alpha here: the name has no second meaning
+    import inspect
+
+    assert "student_loss_weight" not in inspect.signature(Distiller.compile).parameters
+    with pytest.raises(TypeError, match="student_loss_weight"):
+        d.compile("adam", student_loss_weight=0.5)

@@ -482,7 +482,7 @@ class TeacherCacheConfig(_Strict):
 class DistilStage(StageConfig):
     epochs: int = Field(default=2, ge=1)
     alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="weight of the hard-label loss")
-    student_loss_weight: float | None = Field(
+    label_loss_weight: float | None = Field(
         default=None, ge=0.0, description="instead of alpha: loss = this * hard-label loss + the weighted "
         "distillation losses (the research toolkits' convention)")
     temperature: float = Field(default=4.0, gt=0)

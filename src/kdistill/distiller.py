@@ -1195,7 +1195,7 @@ class Distiller(Trainer):
                 f"{missing_calls(teacher)}. Subclass kdistill.teacher.Teacher: it defines every call but __call__.")
         self.teacher: Teacher = teacher
         self.alpha = 0.1
-        self.student_loss_weight: float | None = None
+        self.label_loss_weight: float | None = None
         self.distillation_loss: DistillationLoss | None = None
         self._pair_checked = False
         self._losses_ready = False
@@ -1230,7 +1230,7 @@ class Distiller(Trainer):
         learning_rate: float | None = None,
         scheduler: Any = None,
         scheduler_interval: str = "epoch",
-        student_loss_weight: float | None = None,
+        label_loss_weight: float | None = None,
         precision: str = "fp32",
         accumulate_steps: int = 1,
         max_grad_norm: float | None = None,
@@ -1274,12 +1274,13 @@ class Distiller(Trainer):
                 accumulation the hard-label term is weighted by each micro-batch's share
                 of the labelled samples and the distillation term by its share of all
                 samples.
-            student_loss_weight: instead of ``alpha``, weigh the terms independently:
-                ``loss = student_loss_weight * student_loss + distillation_loss`` (the
+            label_loss_weight: instead of ``alpha``, weigh the terms independently:
+                ``loss = label_loss_weight * student_loss + distillation_loss`` (the
                 distillation losses carry their own weights, e.g. in a
                 :class:`~kdistill.losses.WeightedSum`). This is the research toolkits'
                 convention (RepDistiller's ``-r``, mdistiller's ``CE_WEIGHT``), which
-                the published recipes are given in; ``alpha`` is then ignored.
+                the published recipes are given in; ``alpha`` is then ignored. (Keras 3's
+                ``student_loss_weight``, in ``[0, 1]``, is ``alpha`` here.)
 
         Returns:
             ``self``.
@@ -1309,9 +1310,9 @@ class Distiller(Trainer):
                 "optimizer over the student only: torch.optim.Adam(student.parameters())"
             )
         self.alpha = a
-        if student_loss_weight is not None and not float(student_loss_weight) >= 0:
-            raise ValueError(f"student_loss_weight must be >= 0, got {student_loss_weight}")
-        self.student_loss_weight = None if student_loss_weight is None else float(student_loss_weight)
+        if label_loss_weight is not None and not float(label_loss_weight) >= 0:
+            raise ValueError(f"label_loss_weight must be >= 0, got {label_loss_weight}")
+        self.label_loss_weight = None if label_loss_weight is None else float(label_loss_weight)
         if isinstance(distillation_loss_fn, DistillationLoss):
             self.distillation_loss = distillation_loss_fn
         else:
@@ -1380,10 +1381,10 @@ class Distiller(Trainer):
                 loss = distillation_loss
             if self._ddp is not None:  # DDP waits for a gradient of every parameter: give the idle ones zeros
                 loss = loss + 0.0 * student_out.logits.sum()
-        elif self.student_loss_weight is None:
+        elif self.label_loss_weight is None:
             loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         else:
-            loss = self.student_loss_weight * student_loss + distillation_loss
+            loss = self.label_loss_weight * student_loss + distillation_loss
         logs = {"loss": loss.detach(), "student_loss": student_loss.detach(),
                 "distillation_loss": distillation_loss.detach()}
         if len(terms) > 2:
@@ -1400,8 +1401,8 @@ class Distiller(Trainer):
         if solo or micro.labelled == micro.samples:
             norm = self.optimize(loss)
         else:
-            hard, soft = ((self.alpha, 1.0 - self.alpha) if self.student_loss_weight is None
-                          else (self.student_loss_weight, 1.0))
+            hard, soft = ((self.alpha, 1.0 - self.alpha) if self.label_loss_weight is None
+                          else (self.label_loss_weight, 1.0))
             norm = self.optimize(hard * micro.labelled * student_loss + soft * micro.samples * distillation_loss,
                                  weight=1.0)
         if norm is not None:
@@ -1423,7 +1424,7 @@ class Distiller(Trainer):
         values = super()._agreement_values(train, val, **fit_args)
         values["distil"] = {
             "alpha": self.alpha,
-            "student_loss_weight": self.student_loss_weight,
+            "label_loss_weight": self.label_loss_weight,
             "distillation_loss": _module_settings(self.distillation_loss),
             "teacher": type(self.teacher).__qualname__,
         }

@@ -358,7 +358,7 @@ def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.devic
             loss = build_losses(stage)
             dist = Distiller(student=student, teacher=source, device=device)
             dist.compile(torch.optim.SGD(student.parameters(), lr=0.0), distillation_loss_fn=loss,
-                         alpha=stage.alpha, student_loss_weight=stage.student_loss_weight)
+                         alpha=stage.alpha, label_loss_weight=stage.label_loss_weight)
             dist.setup(batch)  # taps, adapters, class counts of the pair (models discarded after)
     except ConfigError:
         raise
@@ -546,7 +546,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
             params = list(student.parameters()) + [p for p in loss.parameters() if p.requires_grad]
             dist.compile(build_optimizer(stage.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
                          alpha=stage.alpha, scheduler=sched, scheduler_interval=interval,  # the losses own T
-                         student_loss_weight=stage.student_loss_weight, **step_settings(stage))
+                         label_loss_weight=stage.label_loss_weight, **step_settings(stage))
             return dist
 
         with stage_clock(name):

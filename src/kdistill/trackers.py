@@ -275,7 +275,7 @@ def trainer_params(trainer: Any) -> dict[str, str]:
     params["augment"] = _describe(getattr(t, "augment", None))
     if hasattr(t, "distillation_loss"):  # a Distiller
         params["alpha"] = getattr(t, "alpha", None)
-        params["student_loss_weight"] = getattr(t, "student_loss_weight", None)
+        params["label_loss_weight"] = getattr(t, "label_loss_weight", None)
         params["temperature"] = getattr(t, "temperature", None)
         params["teacher"] = type(getattr(t, "teacher", None)).__name__
         if t.distillation_loss is not None:

@@ -477,7 +477,7 @@ class DKDLoss(DistillationLoss):
     some of its per-pair configs lower ``BETA``, e.g. ``res56_res20.yaml`` 2.0 and
     ``wrn40_2_wrn_16_2.yaml`` 6.0). mdistiller trains on
     ``CE_WEIGHT * CE + loss`` with ``CE_WEIGHT 1.0``: compile the Distiller with
-    ``student_loss_weight=1.0`` to do the same.
+    ``label_loss_weight=1.0`` to do the same.
 
     Args:
         alpha: weight of TCKD, ``>= 0``. Not the Distiller's ``alpha`` (the hard-label weight).
@@ -718,7 +718,7 @@ class LogitStandardKDLoss(DistillationLoss):
     ``loss = weight * ls_kd_loss(student, teacher, T)``. Defaults are the authors'
     CIFAR-100 settings (``sunshangquan/logit-standardization-KD``, ``tools/train.py``:
     ``--base-temp 2 --kd-weight 9`` with cross-entropy weight 1): compile the Distiller with
-    ``student_loss_weight=1.0`` to train on ``CE + 9 * loss`` as they did (with ``alpha``
+    ``label_loss_weight=1.0`` to train on ``CE + 9 * loss`` as they did (with ``alpha``
     instead, ``alpha * CE + (1 - alpha) * weight * loss``, ``alpha=0.5`` keeps their 1 : 9).
 
     Args:
