@@ -609,7 +609,8 @@ class Trainer:
             the step's logs are) when this call stepped the optimizer with
             ``max_grad_norm`` set; else ``None``.
         """
-        micro = self._micro or self.micro_step()  # (fit sets _micro for each batch)
+        # (fit sets _micro for each batch; without accumulation every call is a whole step)
+        micro = self._micro or (_WHOLE if self.accumulate_steps == 1 else self.micro_step())
         if micro.first:
             self.optimizer.zero_grad(set_to_none=True)
             self._has_grads = False
@@ -1397,7 +1398,7 @@ class Distiller(Trainer):
             check_divergence(distill.name, values["distillation_loss"])
         # 4. update the student; accumulating, each term counts for this micro-batch's share of
         #    the samples it is a mean over (the hard-label term: the labelled ones)
-        micro = self._micro or self.micro_step()
+        micro = self._micro or (_WHOLE if self.accumulate_steps == 1 else self.micro_step())
         if solo or micro.labelled == micro.samples:
             norm = self.optimize(loss)
         else:
