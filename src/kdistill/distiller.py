@@ -82,6 +82,7 @@ class _MicroStep(NamedTuple):
 
 
 _WHOLE = _MicroStep(True, True, 1.0, 1.0)  # no accumulation: the batch is the whole step
+_WHOLE_SHARES = ((1.0, 1.0),)  # Trainer._shares of one batch
 
 
 class _EpochMeans:
@@ -907,8 +908,11 @@ class Trainer:
         when its batches do not divide evenly), and add their logs to the epoch's means
         once (in a multi-process fit, one collective per optimizer step)."""
         n = min(self.accumulate_steps, self._batches_per_epoch - step * self.accumulate_steps)
-        group = [self._passes.next()] if n == 1 else [self._passes.next() for _ in range(n)]
-        shares = self._shares(group)
+        if n == 1:
+            group, shares = [self._passes.next()], _WHOLE_SHARES
+        else:
+            group = [self._passes.next() for _ in range(n)]
+            shares = self._shares(group)
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
         self._last_batch_size = 0
