@@ -103,7 +103,8 @@ def kd_loss(
     Raises:
         ValueError: if the shapes differ or ``temperature`` is not positive.
     """
-    t = check_temperature(temperature)
+    # (a float in (0, inf) is valid as it is: checked without a call, as this runs every step)
+    t = temperature if type(temperature) is float and 0.0 < temperature < math.inf else check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape:
         check_same_classes(student_logits, teacher_logits)  # raises, naming both shapes
     # half precision is upcast to float32; float32 and float64 keep their precision; the
