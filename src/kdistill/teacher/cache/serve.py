@@ -28,6 +28,9 @@ from .format import (VIEW_SEEDS, CacheError, CacheMismatchError, as_inputs, data
 
 #: ``TeacherCache.open(in_memory=None)`` reads caches up to this size into RAM.
 IN_MEMORY_BYTES = 256 * 2**20
+#: A cache in RAM keeps its logits as float32 too (converted once, not at every batch) when
+#: that copy takes at most this many bytes.
+FLOAT32_LOGITS_BYTES = 64 * 2**20
 
 
 class TeacherCache(Teacher):
@@ -60,6 +63,7 @@ class TeacherCache(Teacher):
         # the (N, C) logits in RAM when a batch's outputs are just rows of them (full logits, no
         # views, no layers served): __call__'s short path, one index_select and one cast
         self._ram_logits: torch.Tensor | None = None
+        self._float32_logits: torch.Tensor | None = None  # the RAM logits as float32 (when small)
         self.in_memory = False
 
     # ------------------------------------------------------------------ properties
@@ -415,6 +419,7 @@ class TeacherCache(Teacher):
         r = torch.from_numpy(r.astype(np.int64))
         view._row_of = r if self._row_of is None else self._row_of[r]
         view._tensors, view.in_memory, view._ram_logits = self._tensors, self.in_memory, self._ram_logits
+        view._float32_logits = self._float32_logits
         return view
 
     @property
@@ -513,10 +518,16 @@ class TeacherCache(Teacher):
         self._ram_logits = self._short_path_logits()
 
     def _short_path_logits(self) -> torch.Tensor | None:
-        """The logits array in RAM if ``__call__`` may serve batches as rows of it alone."""
+        """The logits array in RAM if ``__call__`` may serve batches as rows of it alone:
+        as float32 (the dtype served) when that copy is small, so a batch needs no cast."""
         if self._tensors is None or self._views or self.mode != "full" or self._served:
             return None
-        return self._tensors["logits.npy"]
+        logits = self._tensors["logits.npy"]
+        if logits.dtype != torch.float32 and 4 * logits.numel() <= FLOAT32_LOGITS_BYTES:
+            if self._float32_logits is None:  # exact: float16 -> float32 loses nothing
+                self._float32_logits = logits.float()
+            return self._float32_logits
+        return logits
 
     def _rows(self, batch: Batch) -> torch.Tensor:
         """The stored rows of the batch's samples: ``(B,)`` int64 on the CPU."""
@@ -598,7 +609,9 @@ class TeacherCache(Teacher):
                 picked = None
             if picked is not None and index.dim() == 1 and picked.shape[0] == batch.inputs.shape[0]:
                 device = batch.inputs.device
-                return Outputs(picked.float() if device.type == "cpu" else picked.to(device=device, dtype=torch.float32))
+                if device.type == "cpu":
+                    return Outputs(picked if picked.dtype == torch.float32 else picked.float())
+                return Outputs(picked.to(device=device, dtype=torch.float32))
         # 2. the long path: every check, top-k logits, features, views, memory maps
         device = batch.inputs.device
         rows = self._rows(batch)
