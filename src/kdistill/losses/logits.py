@@ -115,9 +115,17 @@ def kd_loss(
         student_logits, teacher_logits = in_compute_dtype(student_logits), in_compute_dtype(teacher_logits)
     log_p_s = (student_logits / t).log_softmax(-1)
     log_p_t = (teacher_logits / t).log_softmax(-1)
-    # (B, C) -> (B,): KL per sample; exp(log_p_t) is the teacher's soft target
-    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
-    loss = per_sample.mean() if mask is None else masked_mean(per_sample, mask)
+    if mask is None:
+        # sum over positions and classes of exp(log_p_t) * (log_p_t - log_p_s) (exp(log_p_t) is the
+        # teacher's soft target), / positions: kl_div's fused sum, two operations fewer per step
+        # than a per-position sum and its mean. Same gradient, bit for bit (d/dz of sum/N is the
+        # mean's); the value differs from the per-position mean by float rounding only
+        positions = log_p_s.numel() // log_p_s.shape[-1]  # B, or B * T
+        loss = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / positions
+    else:
+        # (B, C) -> (B,): KL per sample (position), then the mean over the kept ones
+        per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+        loss = masked_mean(per_sample, mask)
     return loss * (t * t) if temperature_squared else loss
 
 
