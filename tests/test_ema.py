@@ -12,6 +12,8 @@ from torch import nn
 from kdistill import Distiller, Trainer
 from kdistill.callbacks import EMA, Callback
 
+from crashing import Crash, CrashAt
+
 
 def _data(n: int = 48, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -77,19 +79,6 @@ def test_a_distilled_student_is_evaluated_with_its_average():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EMA(**kwargs)
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_train_batch_end(self, step, logs=None):
-        if self.trainer.global_step == self.n:
-            raise Crash
 
 
 @pytest.mark.parametrize("crash_at", [2, 4, 5])  # mid-epoch, at an epoch's end (3 steps an epoch), later

@@ -7,24 +7,11 @@ import torch
 from torch import nn
 
 from kdistill import Distiller, Trainer
-from kdistill.callbacks import Callback, CSVLogger, TrainingCheckpoint
+from kdistill.callbacks import CSVLogger, TrainingCheckpoint
 from kdistill.checkpoint import read_training_state
 from kdistill.errors import CheckpointError
 
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    """Raises after global step ``n`` (a stand-in for a killed process)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_train_batch_end(self, step, logs=None):
-        if self.trainer.global_step == self.n:
-            raise Crash
+from crashing import Crash, CrashAt
 
 
 def _data(n=200, seed=0):

@@ -12,34 +12,15 @@ import torch
 from torch import nn
 
 from kdistill import Distiller, Trainer
-from kdistill.callbacks import Callback, TrainingCheckpoint
+from kdistill.callbacks import TrainingCheckpoint
 from kdistill.checkpoint import read_training_state
 from kdistill.errors import MissingExtraError
-
 from kdistill.trackers import MLflowLogger, TensorBoardLogger, trainer_params
+
+from crashing import Crash, CrashAt
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="needs the tensorboard extra (pip install 'kdistill[tensorboard]')")
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    """Raises after global step ``n``, or at the end of epoch ``epoch`` (a stand-in for a
-    killed process)."""
-
-    def __init__(self, n: int | None = None, *, epoch: int | None = None):
-        self.n, self.epoch = n, epoch
-
-    def on_train_batch_end(self, step, logs=None):
-        if self.trainer.global_step == self.n:
-            raise Crash
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Crash
 
 
 def _data(n=96, seed=0):
