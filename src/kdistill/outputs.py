@@ -7,12 +7,58 @@ instead of on tuple positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 #: Target value of a sample that has no label: it contributes the distillation loss only.
 UNLABELLED = -1
+
+#: Target value of a token position that is not trained on (padding, a prompt, the last
+#: position of a sequence): PyTorch's and Hugging Face's ignore index.
+IGNORE_INDEX = -100
+
+#: What a batch's inputs are: one tensor, or a dict of tensors passed to the model as
+#: keyword arguments (``input_ids``, ``attention_mask``, ...).
+Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face causal-LM ``labels`` -> the target of each logits position.
+
+    A causal LM's logits at position ``t`` predict token ``t + 1``; Hugging Face models
+    take ``labels`` aligned with ``input_ids`` and shift inside their loss. kdistill shifts
+    once, when a batch is made, so every loss (cross-entropy, token KL, ...) compares
+    position ``t`` of the logits with position ``t`` of :attr:`Batch.targets`, and masks
+    with ``targets >= 0``.
+
+    Args:
+        labels: ``(B, T)`` token ids, :data:`IGNORE_INDEX` (-100) where not trained on.
+
+    Returns:
+        ``(B, T)``: ``labels[:, 1:]`` followed by one :data:`IGNORE_INDEX` column.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (batch, sequence) token ids, got shape {tuple(labels.shape)}")
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """The number of samples (sequences) in a batch's inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    first = inputs.get("input_ids")
+    if first is None:
+        first = next(iter(inputs.values()))
+    return int(first.shape[0])
+
+
+def inputs_device(inputs: Inputs) -> torch.device:
+    """Where a batch's inputs are."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.device
+    return next(iter(inputs.values())).device
 
 _UNKNOWN: Any = object()  # Batch.labelled not computed yet
 
@@ -31,9 +77,13 @@ class Batch:
     """One mini-batch.
 
     Attributes:
-        inputs: model inputs, e.g. ``(B, C, H, W)`` images or ``(B, D)`` vectors.
+        inputs: model inputs, e.g. ``(B, C, H, W)`` images or ``(B, D)`` vectors; or, for
+            a language model, a dict passed as keyword arguments (``input_ids``,
+            ``attention_mask``, each ``(B, T)``).
         targets: ``(B,)`` integer class labels; :data:`UNLABELLED` (``-1``) marks a sample
             without a label, or ``None`` when the data has no labels at all (``predict``).
+            For a language model ``(B, T)``: the token each logits position should
+            predict (:func:`next_token_targets`), :data:`IGNORE_INDEX` where none.
         index: ``(B,)`` position of each sample in its dataset, so per-sample state (an
             offline teacher cache, a contrastive memory bank) can be looked up; ``None``
             when the source cannot tell.
@@ -44,7 +94,7 @@ class Batch:
             serves the teacher's outputs for that view. ``None`` otherwise.
     """
 
-    inputs: torch.Tensor
+    inputs: Inputs
     targets: torch.Tensor | None = None
     index: torch.Tensor | None = None
     mix: Mix | None = None
@@ -52,7 +102,28 @@ class Batch:
     _labelled: Any = field(default=_UNKNOWN, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        inputs = self.inputs
+        return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else batch_size_of(inputs)
+
+    @property
+    def is_tokens(self) -> bool:
+        """Whether the targets are per position (``(B, T)``, a sequence model's)."""
+        return self.targets is not None and self.targets.dim() > 1
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """``(B, T)`` boolean mask of the token positions trained on (``targets >= 0``),
+        or ``None`` for a batch without per-position targets."""
+        if not self.is_tokens:
+            return None
+        return self.targets >= 0
+
+    def items(self) -> int:
+        """How many items the batch's losses average over: its samples, or for a token
+        batch its trained-on tokens (one reduction and read)."""
+        if self.is_tokens:
+            return int((self.targets >= 0).sum())
+        return len(self)
 
     def to(self, device: torch.device | str) -> "Batch":
         """Return the batch on ``device`` (non-blocking where that is safe): the batch
@@ -60,6 +131,8 @@ class Batch:
         about it, such as :attr:`labelled`, is kept)."""
         if not isinstance(device, torch.device):
             device = torch.device(device)
+        if not isinstance(self.inputs, torch.Tensor):
+            return self._dict_to(device)
         if (self.inputs.device == device and (self.targets is None or self.targets.device == device)
                 and (self.index is None or self.index.device == device)
                 and (self.mix is None or self.mix.targets.device == device)):
@@ -70,6 +143,15 @@ class Batch:
         if self._labelled is not _UNKNOWN:  # known already: no second look at the targets
             moved._labelled = move(self._labelled)
         return moved
+
+    def _dict_to(self, device: torch.device) -> "Batch":
+        inputs = self.inputs
+        if (all(v.device == device for v in inputs.values())
+                and (self.targets is None or self.targets.device == device)
+                and (self.index is None or self.index.device == device)):
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch({k: move(v) for k, v in inputs.items()}, move(self.targets), move(self.index), None, self.view)
 
     @property
     def labelled(self) -> torch.Tensor | None:
@@ -97,6 +179,8 @@ class Batch:
         targets = self.targets
         if targets is None:
             return None
+        if targets.dim() > 1:  # tokens: a position is trained on where its target is >= 0
+            return targets >= 0
         # labels are classes >= 0 (or an ignore index < 0, e.g. -100 for tokens): one reduction
         # and one read tell the usual case, every sample labelled
         if targets.numel() == 0 or int(targets.min()) >= 0:
