@@ -21,7 +21,7 @@ from .errors import NonFiniteLossError
 from .losses import DistillationLoss, SoftTargetLoss, WeightedSum, check_divergence
 from .losses.logits import check_same_classes, check_temperature
 from .metrics import Metric, resolve_metrics
-from .outputs import UNLABELLED, Batch, Outputs
+from .outputs import IGNORE_INDEX, UNLABELLED, Batch, Inputs, Outputs
 from .runtime import get_device, seed_everything
 from .taps import CheckedForward, FeatureTaps
 from .teacher import LiveTeacher, Teacher
@@ -448,13 +448,16 @@ class Trainer:
             raise RuntimeError(f"call {type(self).__name__}.compile(...) before fit/train_step")
 
     # ------------------------------------------------------------------ steps
-    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         """Run ``model`` on ``inputs`` (under autocast with ``precision`` bf16/fp16, the
-        outputs then cast to float32); a rejected input shape or dtype is explained."""
+        outputs then cast to float32); a rejected input shape or dtype is explained.
+
+        ``inputs`` is a tensor (``model(x)``) or, for a language model, a dict passed as
+        keyword arguments; a Hugging Face ``ModelOutput`` gives its ``logits``."""
         if self._autocast is None:
             checked = self._checked_forward
-            if (tuple(inputs.shape[1:]), inputs.dtype) in checked.accepted:  # explained once per shape
-                return model(inputs)
+            if type(inputs) is torch.Tensor and (tuple(inputs.shape[1:]), inputs.dtype) in checked.plain:
+                return model(inputs)  # explained once per shape: the plain call
             return checked(model, inputs)
         with torch.autocast(self.device.type, dtype=self._autocast):
             out = self._checked_forward(model, inputs)
@@ -468,6 +471,8 @@ class Trainer:
         """
         if batch.targets is None:
             raise ValueError("training needs labels: pass y to fit, or a dataset that yields (inputs, targets)")
+        if logits.dim() > 2 and batch.targets.dim() > 1:
+            return self._token_loss(logits, batch)
         if batch.mix is not None:  # mixup / cutmix: both labels, weighted by the mix
             both = (batch.targets != UNLABELLED) & (batch.mix.targets != UNLABELLED)
             n = int(both.sum())
@@ -509,6 +514,31 @@ class Trainer:
                 f"from {int(targets.min())} to {int(targets.max())}. Build the model with "
                 f"num_classes=<number of classes> or fix the labels. ({e})"
             ) from e
+
+    def _token_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+        """A sequence model's hard-label loss: the mean over the trained-on token positions
+        (``targets >= 0``) of ``loss_fn`` (cross-entropy by default, the next-token loss)."""
+        targets = batch.targets
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"the token targets have shape {tuple(targets.shape)} but the logits {tuple(logits.shape)}: "
+                "a language model's batch needs one target per position, (batch, sequence)")
+        mask = batch.labelled  # (B, T): targets >= 0
+        n = int(mask.sum())
+        if n == 0:
+            return logits.new_zeros(()), 0
+        fn, t = self.loss_fn, self.train_temperature
+        z = logits if t == 1.0 else logits / t
+        vocab = logits.shape[-1]
+        if type(fn) is nn.CrossEntropyLoss and fn.ignore_index == IGNORE_INDEX and fn.reduction == "mean":
+            # (B, T, V) -> (B*T, V); the ignored positions drop out of the mean (no masked copy)
+            flat = targets.reshape(-1)
+            if int(flat.max()) >= vocab:
+                raise ValueError(
+                    f"a token target is {int(flat.max())} but the model scores {vocab} tokens: tokenise the data "
+                    "with the model's own tokenizer (or build the model with vocab_size >= the tokenizer's)")
+            return fn.forward(z.reshape(-1, vocab), flat), n
+        return fn(z[mask], targets[mask]), n
 
     def compute_metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         if not self.metrics or batch.targets is None:
@@ -671,9 +701,12 @@ class Trainer:
     # ------------------------------------------------------------------ loops
     def _step_weights(self, batch: Batch) -> dict[str, float]:
         """How much each log of a step counts in the epoch mean."""
-        n = float(len(batch))
         mask = batch.labelled
-        n_lab = 0.0 if batch.targets is None else n if mask is None else float(mask.sum())
+        if batch.is_tokens:  # a sequence model's logs are means over its trained-on tokens
+            n = n_lab = float(mask.sum())
+        else:
+            n = float(len(batch))
+            n_lab = 0.0 if batch.targets is None else n if mask is None else float(mask.sum())
         weights = dict.fromkeys((*self.metrics, *self.label_weighted_logs), n_lab)
         weights["*"] = n
         return weights
@@ -913,13 +946,15 @@ class Trainer:
         else:
             group = [self._passes.next() for _ in range(n)]
             shares = self._shares(group)
+        if self._ddp is not None and group[0].is_tokens:
+            shares = self._shares_across_processes(group, shares)
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
         self._last_batch_size = 0
         try:
             for i, (batch, (samples, labelled)) in enumerate(zip(group, shares)):
                 last = i == n - 1
-                self._micro = _WHOLE if n == 1 else _MicroStep(i == 0, last, samples, labelled)
+                self._micro = _WHOLE if shares is _WHOLE_SHARES else _MicroStep(i == 0, last, samples, labelled)
                 batch = self._augment_batch(batch.to(self.device))
                 self._last_batch_size += len(batch)
                 self._step_values = None
@@ -950,10 +985,27 @@ class Trainer:
         data on the CPU)."""
         if len(group) == 1:
             return [(1.0, 1.0)]
-        sizes = [float(len(b)) for b in group]
-        labelled = [0.0 if b.targets is None else float((b.targets != UNLABELLED).sum()) for b in group]
+        if group[0].is_tokens:  # tokens: every loss is a mean over the trained-on positions
+            sizes = labelled = [float(b.items()) for b in group]
+        else:
+            sizes = [float(len(b)) for b in group]
+            labelled = [0.0 if b.targets is None else float((b.targets != UNLABELLED).sum()) for b in group]
         total, total_labelled = sum(sizes), sum(labelled)
         return [(n / total, (k / total_labelled) if total_labelled else 0.0) for n, k in zip(sizes, labelled)]
+
+    @staticmethod
+    def _shares_across_processes(group: list[Batch], shares) -> list[tuple[float, float]]:
+        """Token batches in a multi-process fit: each process's micro-batch shares scaled by
+        ``world_size * local_tokens / all_tokens``, so that after DDP averages the gradients
+        every trained-on token of the optimizer step counts the same, whichever process
+        (and micro-batch) it fell in (one all-reduce of a count per optimizer step). Without
+        it a process with fewer tokens would weigh each of its tokens more."""
+        local = float(sum(b.items() for b in group))
+        total = distributed.sum_floats({"tokens": local})["tokens"]
+        if total <= 0:
+            return list(shares)
+        f = distributed.world_size() * local / total
+        return [(s * f, l * f) for s, l in shares]
 
     def _agreement_values(self, train: Any, val: Any, **fit_args: Any) -> dict[str, Any]:
         """What must be equal on every process of a multi-process fit for them to train as
@@ -1111,7 +1163,7 @@ class Trainer:
             for batch in loader:
                 batch = batch.to(self.device)
                 logs = _to_floats(self.test_step(batch))
-                # every eval log is over the labelled samples only
+                # every eval log is over the labelled samples (a sequence model's: trained-on tokens) only
                 mask = batch.labelled
                 means.update(logs, {"*": float(len(batch) if mask is None else mask.sum())})
         self.model.train(was_training)
@@ -1134,7 +1186,7 @@ class Trainer:
         outs = []
         with torch.inference_mode():
             for batch in loader:
-                outs.append(self.forward(self.model, batch.inputs.to(self.device)).cpu())
+                outs.append(self.forward(self.model, batch.to(self.device).inputs).cpu())
         self.model.train(was_training)
         return torch.cat(outs)
 
@@ -1200,6 +1252,7 @@ class Distiller(Trainer):
                 f"{missing_calls(teacher)}. Subclass kdistill.teacher.Teacher: it defines every call but __call__.")
         self.teacher: Teacher = teacher
         self.alpha = 0.1
+        self.vocab_size: int | None = None  # compile(vocab_size=): compare the first N logits only
         self.label_loss_weight: float | None = None
         self.distillation_loss: DistillationLoss | None = None
         self._pair_checked = False
@@ -1239,6 +1292,7 @@ class Distiller(Trainer):
         precision: str = "fp32",
         accumulate_steps: int = 1,
         max_grad_norm: float | None = None,
+        vocab_size: int | None = None,
     ) -> "Distiller":
         """Configure distillation, with the names and meanings of the Keras example.
 
@@ -1286,6 +1340,11 @@ class Distiller(Trainer):
                 convention (RepDistiller's ``-r``, mdistiller's ``CE_WEIGHT``), which
                 the published recipes are given in; ``alpha`` is then ignored. (Keras 3's
                 ``student_loss_weight``, in ``[0, 1]``, is ``alpha`` here.)
+            vocab_size: language models sharing one tokenizer whose output heads differ in
+                size (one padded, e.g. Qwen2.5's 151,936 vs 152,064 rows): compare only the
+                first ``vocab_size`` logits of each (the tokenizer's vocabulary) in the
+                distillation losses. The student's own next-token loss keeps its whole
+                head. Left out, heads of different sizes are refused with both sizes named.
 
         Returns:
             ``self``.
@@ -1315,6 +1374,9 @@ class Distiller(Trainer):
                 "optimizer over the student only: torch.optim.Adam(student.parameters())"
             )
         self.alpha = a
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2):
+            raise ValueError(f"vocab_size must be an integer >= 2 (the tokenizer's vocabulary size), got {vocab_size!r}")
+        self.vocab_size = vocab_size
         if label_loss_weight is not None and not float(label_loss_weight) >= 0:
             raise ValueError(f"label_loss_weight must be >= 0, got {label_loss_weight}")
         self.label_loss_weight = None if label_loss_weight is None else float(label_loss_weight)
@@ -1333,9 +1395,28 @@ class Distiller(Trainer):
         self.teacher.set_temperatures(loss_temperatures(self.distillation_loss))
         return self
 
+    def _same_vocabulary(self, student: Outputs, teacher: Outputs) -> tuple[Outputs, Outputs]:
+        """With ``compile(vocab_size=N)``: both outputs' logits cut to their first ``N``
+        entries (the tokenizer's vocabulary; the rest is a head's padding)."""
+        n = self.vocab_size
+        for role, out in (("student", student), ("teacher", teacher)):
+            if out.logits.shape[-1] < n:
+                raise ValueError(
+                    f"compile(vocab_size={n}) but the {role} scores only {out.logits.shape[-1]} tokens: "
+                    "vocab_size must be at most the smaller head (the tokenizer's vocabulary size)")
+        cut = lambda o: o if o.logits.shape[-1] == n else Outputs(o.logits[..., :n], o.features)  # noqa: E731
+        return cut(student), cut(teacher)
+
     def _check_pair(self, student: Outputs, teacher: Outputs) -> None:
         """Once per fit: teacher and student must score the same classes."""
         s, t = student.logits.shape[-1], teacher.logits.shape[-1]
+        if s != t and student.logits.dim() > 2:
+            raise ValueError(
+                f"the student's vocabulary has {s} entries and the teacher's {t}: token-level distillation "
+                "compares the two models' distributions over the same tokens. If both use one tokenizer and a "
+                f"head is padded, pass vocab_size=<the tokenizer's size, len(tokenizer)> to compile (YAML: "
+                f"vocab_size), which compares the first vocab_size logits of each; otherwise distil between "
+                "models that share a tokenizer")
         if s != t:
             raise ValueError(
                 f"teacher and student class counts differ: {self.teacher!r} "
@@ -1359,13 +1440,16 @@ class Distiller(Trainer):
         # 2. the student's forward, with its tapped layers
         student_out = Outputs(self.forward(self.model if self._ddp is None else self._ddp, batch.inputs),
                               {} if self._student_taps is None else self._student_taps.pop())
+        full_student = student_out.logits  # the student's own loss keeps its whole head
+        if self.vocab_size is not None:
+            student_out, teacher_out = self._same_vocabulary(student_out, teacher_out)
         if not self._pair_checked:
             self._check_pair(student_out, teacher_out)
         # 3. the two loss terms; unlabelled samples add only the distillation term
         if batch.targets is None:  # unlabelled data only: distillation alone
-            student_loss = student_out.logits.new_zeros(())
+            student_loss = full_student.new_zeros(())
         else:
-            student_loss, _ = self.supervised_loss(student_out.logits, batch)
+            student_loss, _ = self.supervised_loss(full_student, batch)
         # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
         parts = distill.named_terms(student_out, teacher_out, batch)
         if len(parts) == 1:
@@ -1429,6 +1513,7 @@ class Distiller(Trainer):
         values = super()._agreement_values(train, val, **fit_args)
         values["distil"] = {
             "alpha": self.alpha,
+            "vocab_size": self.vocab_size,
             "label_loss_weight": self.label_loss_weight,
             "distillation_loss": _module_settings(self.distillation_loss),
             "teacher": type(self.teacher).__qualname__,
@@ -1530,6 +1615,8 @@ class Distiller(Trainer):
             teacher_out = self.teacher(batch)
             student_out = Outputs(self.forward(self.model, batch.inputs), self._pop_student_features())
         self.model.train(was_training)
+        if self.vocab_size is not None:
+            student_out, teacher_out = self._same_vocabulary(student_out, teacher_out)
         self._check_pair(student_out, teacher_out)
         self.distillation_loss.setup(student_out, teacher_out)
         self.distillation_loss.to(self.device)

@@ -17,6 +17,56 @@ import torch
 from torch import nn
 
 from .errors import ModelInputError
+from .outputs import Inputs
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits in what a model returned: a tensor as it is; a Hugging Face
+    ``ModelOutput`` (or a dict) by its ``logits``; a tuple by its first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    return logits if isinstance(logits, torch.Tensor) else out
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """Run ``model`` on a batch's inputs and return its logits.
+
+    A tensor is passed positionally (``model(x)``); a dict as keyword arguments
+    (``model(input_ids=..., attention_mask=...)``), with ``use_cache=False`` for a model
+    whose config has a ``use_cache`` (a Hugging Face model: training and scoring need no
+    key/value cache). A ``ModelOutput`` is reduced to its ``logits``.
+    """
+    out = _raw_call(model, inputs)
+    return out if isinstance(out, torch.Tensor) else logits_of(out)
+
+
+def _raw_call(model: nn.Module, inputs: Inputs):
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    config = getattr(getattr(model, "module", model), "config", None)
+    if getattr(config, "use_cache", None) is not None:
+        return model(**inputs, use_cache=False)
+    return model(**inputs)
+
+
+def _input_kind(inputs: Inputs) -> tuple:
+    """What a forward pass is checked once per: the shape (without the batch axis) and
+    dtype of each input."""
+    if isinstance(inputs, torch.Tensor):
+        return (tuple(inputs.shape[1:]), inputs.dtype)
+    return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in inputs.items())
+
+
+def _describe_inputs(inputs: Inputs) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"inputs of shape {tuple(inputs.shape)} (dtype {inputs.dtype})"
+    return "inputs " + ", ".join(f"{k} {tuple(v.shape)} ({str(v.dtype).replace('torch.', '')})"
+                                 for k, v in inputs.items())
 
 
 def describe_expected_input(model: nn.Module) -> str:
@@ -41,15 +91,31 @@ class CheckedForward:
 
     def __init__(self, role: str = "model"):
         self.role = role
-        self.accepted: set[tuple[tuple[int, ...], torch.dtype]] = set()
+        #: input kinds checked already (shapes without the batch axis, dtypes)
+        self.accepted: set[tuple] = set()
+        #: those of them for which the model returned a plain tensor (``model(x)`` is the logits)
+        self.plain: set[tuple] = set()
 
-    def __call__(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        kind = (tuple(inputs.shape[1:]), inputs.dtype)
+    def __call__(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        kind = _input_kind(inputs)
         if kind in self.accepted:
-            return model(inputs)
+            return call_model(model, inputs)
         try:
-            out = model(inputs)
-        except (RuntimeError, ValueError, IndexError) as e:
+            raw = _raw_call(model, inputs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            if isinstance(inputs, dict):
+                ids = inputs.get("input_ids")
+                vocab = getattr(getattr(getattr(model, "module", model), "config", None), "vocab_size", None)
+                fix = ("Tokenise the data with this model's tokenizer: a token id reaches "
+                       f"{int(ids.max())} but the model has {vocab} embeddings."
+                       if ids is not None and vocab is not None and int(ids.max()) >= vocab
+                       else "Give the model the keyword arguments its forward takes (input_ids, attention_mask, ...).")
+                raise ModelInputError(
+                    f"the {self.role} ({type(model).__name__}) rejected {_describe_inputs(inputs)}. "
+                    f"{fix} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+                ) from e
+            if isinstance(e, TypeError):
+                raise
             float_model = any(p.is_floating_point() for p in model.parameters())
             fix = (
                 "Convert the inputs to float first, e.g. x.astype('float32') / 255 for 8-bit images."
@@ -61,6 +127,7 @@ class CheckedForward:
                 f"(dtype {inputs.dtype}); it expects {describe_expected_input(model)}. "
                 f"{fix} ({type(e).__name__}: {str(e).splitlines()[0]})"
             ) from e
+        out = raw if isinstance(raw, torch.Tensor) else logits_of(raw)
         if not isinstance(out, torch.Tensor) or out.dim() < 2:
             raise ModelInputError(
                 f"the {self.role} ({type(model).__name__}) returned {type(out).__name__}"
@@ -68,6 +135,8 @@ class CheckedForward:
                 "kdistill expects (B, C) logits (or (B, T, V) for sequences)"
             )
         self.accepted.add(kind)
+        if out is raw:
+            self.plain.add(kind)
         return out
 
 

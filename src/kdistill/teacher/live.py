@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelInputError
-from ..outputs import Batch, Outputs
+from ..outputs import Batch, Inputs, Outputs
 from ..runtime import module_device
 from ..taps import CheckedForward, FeatureTaps
 from .base import Teacher
@@ -210,9 +210,11 @@ class LiveTeacher(Teacher):
         dtype = torch.float32 if self.autocast is not None and t.dtype in _LOW_PRECISION else t.dtype
         return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
-    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, inputs: Inputs) -> torch.Tensor:
+        if not isinstance(inputs, torch.Tensor):  # a language model's keyword inputs (checked, logits of its output)
+            return self._forward(self.module, inputs)
         x = inputs.contiguous(memory_format=torch.channels_last) if self.channels_last and inputs.dim() == 4 else inputs
-        if (tuple(x.shape[1:]), x.dtype) not in self._forward.accepted:
+        if (tuple(x.shape[1:]), x.dtype) not in self._forward.plain:
             return self._first_forward(x, inputs)
         if self._compiled is not None:
             try:
