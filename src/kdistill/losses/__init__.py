@@ -4,7 +4,9 @@
   Jensen-Shannon;
 * ``features.py``: FitNets hints, attention transfer (AT), NST, VID, factor transfer (FT);
 * ``relations.py``: SP, RKD (distance + angle), PKT, CC;
-* ``contrastive.py``: CRD with its memory bank.
+* ``contrastive.py``: CRD with its memory bank;
+* ``tokens.py``: token-level losses for language models, chunked over positions: forward
+  and reverse KL, GKD's generalized JSD, DistiLLM's skew KL, total variation.
 
 Built-in names (in YAML: ``{name: dkd}`` or ``{name: DKDLoss}``) resolve through this
 module's exports; your own loss is any :class:`DistillationLoss` subclass.
@@ -57,6 +59,17 @@ from .relations import (
     rkd_loss,
     sp_loss,
 )
+from .tokens import (
+    GeneralizedJSDLoss,
+    SkewKLLoss,
+    SkewReverseKLLoss,
+    TokenKLLoss,
+    TotalVariationLoss,
+    generalized_jsd_loss,
+    skew_kl_loss,
+    token_kl_loss,
+    total_variation_loss,
+)
 
 __all__ = [
     "ATLoss",
@@ -67,6 +80,7 @@ __all__ = [
     "DistillationLoss",
     "EmbedHead",
     "FTLoss",
+    "GeneralizedJSDLoss",
     "HintLoss",
     "JSDivergenceLoss",
     "KDLoss",
@@ -78,7 +92,11 @@ __all__ = [
     "RKDLoss",
     "ReverseKLLoss",
     "SPLoss",
+    "SkewKLLoss",
+    "SkewReverseKLLoss",
     "SoftTargetLoss",
+    "TokenKLLoss",
+    "TotalVariationLoss",
     "VIDLoss",
     "WeightedSum",
     "at_loss",
@@ -89,6 +107,7 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "ft_loss",
+    "generalized_jsd_loss",
     "hint_loss",
     "js_divergence_loss",
     "kd_loss",
@@ -101,7 +120,10 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
+    "skew_kl_loss",
     "sp_loss",
     "standardize_logits",
+    "token_kl_loss",
+    "total_variation_loss",
     "vid_loss",
 ]

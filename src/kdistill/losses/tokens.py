@@ -1,0 +1,703 @@
+"""Token-level distillation losses for language models.
+
+Each divergence compares, at every trained-on token position, the student's and the
+teacher's next-token distributions over the vocabulary, ``p = softmax(z / T)``:
+
+* :func:`token_kl_loss`: forward KL ``KL(p_t || p_s)`` (Hinton et al. 2015) or reverse KL
+  ``KL(p_s || p_t)`` (MiniLLM, Gu et al. 2024);
+* :func:`generalized_jsd_loss`: the generalized Jensen-Shannon divergence of GKD (Agarwal
+  et al. 2024), from forward KL (``beta = 0``) to reverse KL (``beta = 1``);
+* :func:`skew_kl_loss`: skew forward / reverse KL of DistiLLM (Ko et al. 2024);
+* :func:`total_variation_loss`: ``0.5 * sum_v |p_t - p_s|``.
+
+Each is a pure function with a :class:`~kdistill.losses.base.DistillationLoss` module
+beside it. Masks and reductions follow one rule: a position counts where the mask is true
+(for a module, where ``batch.targets >= 0``; every position when the batch has no per-token
+targets), ``reduction="mean"`` averages over the counted positions of the tensors given
+(0, with a zero gradient, when none counts) and ``reduction="sum"`` adds them up.
+
+Language-model logits are large (``B * T * V`` entries: 8 x 512 x 32000 is 131M, 0.5 GiB
+in float32), and the plain computation keeps several float32 tensors of that size for the
+backward pass. These losses are therefore computed over chunks of token positions by a
+custom :class:`torch.autograd.Function`: each chunk's loss and its gradient with respect to
+the chunk's student logits are computed right away and the gradient written into one
+``(N, V)`` buffer in the student logits' dtype, so the extra memory is that buffer plus one
+chunk's intermediates (see :data:`DEFAULT_CHUNK_ELEMENTS`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..outputs import Batch, Outputs
+from .base import DistillationLoss, compute_dtype
+from .logits import check_temperature
+
+#: Logits per chunk when ``chunk_size=None``: ``2**22`` (4M entries, 16 MiB in float32), i.e.
+#: ``2**22 // V`` token positions per chunk (131 for a 32000-entry vocabulary, 27 for
+#: 151936). When all positions fit in one chunk the plain computation is used.
+DEFAULT_CHUNK_ELEMENTS = 2**22
+
+_REDUCTIONS = ("mean", "sum")
+_DIRECTIONS = ("forward", "reverse")
+
+#: ``per_row(student_chunk, teacher_chunk) -> (n,)``: one position's loss per row.
+RowLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_vocabularies(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """Raise a ``ValueError`` unless student and teacher logits have the same shape.
+
+    Args:
+        student_logits: ``(B, T, V_s)`` (or ``(B, C)``) scores of the student.
+        teacher_logits: ``(B, T, V_t)`` scores of the teacher.
+
+    Raises:
+        ValueError: the vocabularies differ (naming both sizes and how to fix it), or the
+            positions differ (naming both shapes).
+    """
+    if student_logits.shape == teacher_logits.shape:
+        return
+    s, t = student_logits.shape[-1], teacher_logits.shape[-1]
+    if s != t:
+        raise ValueError(
+            f"the student's vocabulary has {s} entries and the teacher's {t}: a token loss compares the two "
+            "distributions entry by entry, so both must score the same vocabulary. If both models share one "
+            "tokenizer and a head is padded, pass vocab_size=<tokenizer size> to Distiller.compile, which "
+            "slices both to it; otherwise the models need the same tokenizer"
+        )
+    raise ValueError(
+        f"student logits have shape {tuple(student_logits.shape)} and teacher logits "
+        f"{tuple(teacher_logits.shape)}: both must score the same positions of the same batch "
+        "(same sequences, same length)"
+    )
+
+
+def _check_fraction(name: str, value: float, meaning: str, *, upper_open: bool = False) -> float:
+    """``value`` as a float in ``[0, 1]`` (``[0, 1)`` with ``upper_open``), else a ``ValueError``."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    ok = 0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0
+    if not ok:  # NaN fails too
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}: {meaning}")
+    return v
+
+
+def _check_direction(direction: str) -> str:
+    if direction not in _DIRECTIONS:
+        raise ValueError(
+            f"direction must be 'forward' (KL(teacher || student), mode-covering) or 'reverse' "
+            f"(KL(student || teacher), mode-seeking), got {direction!r}"
+        )
+    return direction
+
+
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(
+            f"chunk_size must be a whole number of token positions >= 0, got {chunk_size!r}: "
+            "None picks one (DEFAULT_CHUNK_ELEMENTS logits per chunk), 0 computes all positions at once"
+        )
+    return chunk_size
+
+
+def _chunk_rows(chunk_size: int | None, vocab: int, rows: int) -> int:
+    """Positions per chunk; 0 for the plain (unchunked) computation."""
+    if chunk_size is None:
+        per_chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
+        return 0 if rows <= per_chunk else per_chunk  # one chunk: nothing to save
+    return chunk_size
+
+
+# ------------------------------------------------------------------- divergences per row
+# Each takes the (n, V) log-probabilities of both sides and returns the (n,) divergence of
+# every row. Mixtures are formed in log space, so tiny probabilities stay exact.
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum_v p_v (log p_v - log q_v)`` per row, with ``0 log 0 = 0`` (a ``-inf`` logit of
+    ``p``'s side contributes nothing, and no NaN)."""
+    p = log_p.exp()
+    # the log ratio is set to 0 where p is 0 (not the product: its backward would be 0 * inf)
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """``log(w * a + (1 - w) * b)`` from ``log a`` and ``log b``, for ``0 < w < 1``."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _forward_kl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+    return _kl_rows(log_p_t, log_p_s)
+
+
+def _reverse_kl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+    return _kl_rows(log_p_s, log_p_t)
+
+
+def _gjsd_rows(beta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if beta == 0.0:  # the mixture form vanishes at the ends; by definition these are the KLs
+        return _forward_kl_rows
+    if beta == 1.0:
+        return _reverse_kl_rows
+
+    def rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+        log_m = _log_mix(log_p_t, log_p_s, beta)  # m = beta * p_t + (1 - beta) * p_s
+        return beta * _kl_rows(log_p_t, log_m) + (1.0 - beta) * _kl_rows(log_p_s, log_m)
+
+    return rows
+
+
+def _skew_rows(lam: float, direction: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if lam == 0.0:  # no skew: the plain KL of that direction
+        return _forward_kl_rows if direction == "forward" else _reverse_kl_rows
+    if direction == "forward":
+
+        def rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+            return _kl_rows(log_p_t, _log_mix(log_p_t, log_p_s, lam))  # KL(p_t || lam p_t + (1 - lam) p_s)
+
+    else:
+
+        def rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+            return _kl_rows(log_p_s, _log_mix(log_p_s, log_p_t, lam))  # KL(p_s || lam p_s + (1 - lam) p_t)
+
+    return rows
+
+
+def _tv_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (log_p_s.exp() - log_p_t.exp()).abs().sum(dim=-1)
+
+
+def _softened(divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float) -> RowLoss:
+    """The per-row loss on logits: log-softmax of ``z / T`` on both sides, then ``divergence``."""
+
+    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if temperature != 1.0:  # x / 1 is x: no copy
+            student, teacher = student / temperature, teacher / temperature
+        return divergence(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1))
+
+    return per_row
+
+
+# ---------------------------------------------------------------------- chunked autograd
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """``scale * sum_rows per_row(student[rows], teacher[rows])``, computed over chunks of
+    rows; each chunk's gradient with respect to the student is computed in the forward pass
+    and written into one preallocated buffer, which the backward pass scales."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        rows: torch.Tensor | None,
+        per_row: RowLoss,
+        scale: float,
+        chunk: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        # student, teacher: (N, V); rows: (n,) indices of the positions that count, None for all
+        needs_grad = ctx.needs_input_grad[0]
+        grad = None
+        if needs_grad:
+            # (N, V) in the student's dtype; rows that do not count keep a zero gradient
+            grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+        total = torch.zeros((), dtype=dtype, device=student.device)
+        n = student.shape[0] if rows is None else rows.numel()
+        for start in range(0, n, chunk):
+            # 1. one chunk of both sides, upcast to the compute dtype: (n_c, V)
+            if rows is None:
+                index = None
+                s_c, t_c = student[start : start + chunk], teacher[start : start + chunk]
+            else:
+                index = rows[start : start + chunk]
+                s_c, t_c = student.index_select(0, index), teacher.index_select(0, index)
+            s_c = s_c.detach().to(dtype)
+            t_c = t_c.to(dtype)
+            # 2. its loss, and at once its gradient w.r.t. the chunk's student logits
+            with torch.enable_grad():
+                s_c.requires_grad_(needs_grad)
+                value = per_row(s_c, t_c).sum() * scale
+            if needs_grad:
+                (g,) = torch.autograd.grad(value, s_c)
+                if index is None:
+                    grad[start : start + chunk].copy_(g)
+                else:
+                    grad.index_copy_(0, index, g.to(grad.dtype))
+            total += value.detach()
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        grad = ctx.grad
+        # a 0-dim grad_output keeps the buffer's dtype
+        return (None if grad is None else grad * grad_output), None, None, None, None, None, None
+
+
+def token_loss(
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    *,
+    temperature_squared: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-position divergence over the counted positions, chunked or not.
+
+    The machinery shared by this module's losses (and usable for your own): ``divergence``
+    takes the ``(n, V)`` log-probabilities ``log softmax(z_s / T)`` and
+    ``log softmax(z_t / T)`` and returns the ``(n,)`` divergence of each row.
+
+    Args:
+        divergence: ``divergence(log_p_s, log_p_t) -> (n,)``, one value per row.
+        student_logits: ``(B, T, V)`` (or ``(B, C)``) raw scores of the student.
+        teacher_logits: the teacher's scores, same shape (detached: a fixed target).
+        temperature: softening temperature ``T > 0``.
+        temperature_squared: multiply by ``T^2``.
+        mask: optional boolean mask of the positions that count, ``(B, T)`` (or ``(B,)``).
+        reduction: ``"mean"`` over the counted positions, or their ``"sum"``.
+        chunk_size: token positions per chunk; ``None`` picks one
+            (:data:`DEFAULT_CHUNK_ELEMENTS`), ``0`` computes everything at once with plain
+            autograd.
+
+    Returns:
+        A scalar in the compute dtype (float32 for half-precision logits).
+    """
+    t = check_temperature(temperature)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' (over the counted positions) or 'sum', got {reduction!r}")
+    chunk_size = _check_chunk_size(chunk_size)
+    check_vocabularies(student_logits, teacher_logits)
+    vocab = student_logits.shape[-1]
+    # (B, T, V) -> (N, V): every position is one row
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    rows, count = None, student.shape[0]
+    if mask is not None:
+        positions = tuple(student_logits.shape[:-1])
+        if tuple(mask.shape) != positions:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but the logits have {positions} positions (their shape "
+                "without the vocabulary axis); pass one boolean per token position, e.g. targets >= 0"
+            )
+        keep = mask.to(device=student.device, dtype=torch.bool).reshape(-1)
+        rows = keep.nonzero().squeeze(1)  # (n,) the positions that count
+        count = rows.numel()
+        if count == student.shape[0]:
+            rows = None  # all of them: no copies
+    scale = (t * t if temperature_squared else 1.0) / (max(count, 1) if reduction == "mean" else 1)
+    dtype = torch.promote_types(compute_dtype(student), compute_dtype(teacher))
+    loss_rows = _softened(divergence, t)
+    chunk = _chunk_rows(chunk_size, vocab, count)
+    if chunk == 0:
+        # plain autograd over all counted positions at once
+        if rows is not None:
+            student, teacher = student.index_select(0, rows), teacher.index_select(0, rows)
+        return loss_rows(student.to(dtype), teacher.to(dtype)).sum() * scale
+    return _ChunkedTokenLoss.apply(student, teacher, rows, loss_rows, scale, chunk, dtype)
+
+
+# ---------------------------------------------------------------------- the losses
+
+
+def token_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    direction: str = "forward",
+    temperature_squared: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Forward or reverse KL between the teacher's and the student's token distributions.
+
+    * forward: ``L = T^2 * mean_i KL(p_t(i) || p_s(i))`` (Hinton, Vinyals & Dean 2015,
+      "Distilling the Knowledge in a Neural Network", arXiv:1503.02531), the same value as
+      :func:`~kdistill.losses.kd_loss`. Mode-covering: the student is pushed to put mass
+      wherever the teacher has some.
+    * reverse: ``L = T^2 * mean_i KL(p_s(i) || p_t(i))`` (Gu, Dong, Wei & Huang 2024,
+      "MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024,
+      arXiv:2306.08543). Mode-seeking: the student is penalised for mass where the teacher
+      has little, not for leaving some of the teacher's modes out.
+
+    ``p = softmax(z / T)`` over the vocabulary, ``KL(p || q) = sum_v p_v (log p_v - log q_v)``,
+    ``i`` runs over the positions where ``mask`` is true. ``T`` is the loss's softening
+    temperature, separate from any sampling temperature used to generate the sequences.
+    Computed over chunks of positions (see the module's description); the value and the
+    gradient equal the unchunked ones up to float rounding.
+
+    Args:
+        student_logits: ``(B, T, V)`` raw scores of the student (or ``(B, C)``); float16,
+            bfloat16, float32 or float64 (half precision is computed in float32).
+        teacher_logits: the teacher's scores, same shape (detached: a fixed target).
+        temperature: softening temperature ``T > 0`` (1, as in MiniLLM, GKD and DistiLLM).
+        direction: ``"forward"`` (``KL(p_t || p_s)``) or ``"reverse"`` (``KL(p_s || p_t)``).
+        temperature_squared: multiply by ``T^2`` (Hinton et al.'s scaling, as
+            :func:`~kdistill.losses.kd_loss`); ``False`` for the unscaled divergence.
+        mask: optional ``(B, T)`` boolean mask of the positions that count (e.g.
+            ``targets >= 0``); ``None``: all.
+        reduction: ``"mean"`` over the counted positions (0 when none counts) or ``"sum"``.
+        chunk_size: token positions per chunk; ``None`` picks a size
+            (:data:`DEFAULT_CHUNK_ELEMENTS`), ``0`` computes all positions at once.
+
+    Returns:
+        A scalar (float32 for half-precision logits, else the logits' dtype).
+
+    Raises:
+        ValueError: the vocabularies (or shapes) differ, ``T <= 0``, an unknown
+            ``direction`` or ``reduction``, or a mask of the wrong shape.
+    """
+    rows = _forward_kl_rows if _check_direction(direction) == "forward" else _reverse_kl_rows
+    return token_loss(
+        rows, student_logits, teacher_logits, temperature, temperature_squared=temperature_squared,
+        mask=mask, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    *,
+    temperature_squared: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD: Agarwal, Vieillard, Zhou, Stanczyk,
+    Ramos, Geist & Bachem (2024), "On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes", ICLR 2024, arXiv:2306.13649 (Eq. 1).
+
+    With the mixture ``m = beta * p_t + (1 - beta) * p_s``:
+
+    ``JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``,
+    ``L = T^2 * mean_i JSD_beta(i)``,
+
+    and at the ends, where the mixture form vanishes, by definition ``JSD_0 = KL(p_t || p_s)``
+    (forward KL, mode-covering) and ``JSD_1 = KL(p_s || p_t)`` (reverse KL, mode-seeking).
+    This is the convention of TRL's ``GKDTrainer.generalized_jsd_loss``, whose values this
+    function reproduces (with ``temperature_squared=False``: TRL does not scale by ``T^2``).
+    ``m`` is computed in log space (``logaddexp(log p_t + log beta, log p_s + log(1 - beta))``).
+    The gradient also flows through the student's share of ``m``. ``T`` is the loss's
+    softening temperature, separate from the sampling temperature of on-policy generation.
+
+    Args:
+        student_logits: ``(B, T, V)`` raw scores of the student (or ``(B, C)``).
+        teacher_logits: the teacher's scores, same shape (detached: a fixed target).
+        beta: ``in [0, 1]``; 0 is forward KL, 1 reverse KL, 0.5 the symmetric
+            Jensen-Shannon divergence.
+        temperature: softening temperature ``T > 0``.
+        temperature_squared: multiply by ``T^2``.
+        mask: optional ``(B, T)`` boolean mask of the positions that count.
+        reduction: ``"mean"`` over the counted positions (0 when none counts) or ``"sum"``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: the vocabularies differ, ``beta`` outside ``[0, 1]``, ``T <= 0``, an
+            unknown ``reduction``, or a mask of the wrong shape.
+    """
+    b = _check_fraction("beta", beta, "0 is forward KL(teacher || student), 1 reverse KL(student || teacher)")
+    return token_loss(
+        _gjsd_rows(b), student_logits, teacher_logits, temperature, temperature_squared=temperature_squared,
+        mask=mask, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def skew_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    lam: float = 0.1,
+    temperature: float = 1.0,
+    *,
+    direction: str = "forward",
+    temperature_squared: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Skew KL of DistiLLM: Ko, Kim, Chen & Yun (2024), "DistiLLM: Towards Streamlined
+    Distillation for Large Language Models", ICML 2024, arXiv:2402.03898.
+
+    * forward: ``SKL = KL(p_t || lam * p_t + (1 - lam) * p_s)``;
+    * reverse: ``SRKL = KL(p_s || lam * p_s + (1 - lam) * p_t)``;
+
+    ``L = T^2 * mean_i SKL(i)`` (or ``SRKL``). Mixing a share ``lam`` of the first
+    distribution into the second keeps the divergence finite and its gradient bounded where
+    the second has (almost) no mass, which the paper shows stabilises training; ``lam = 0``
+    is the plain KL of that direction. DistiLLM's code returns the cross-entropy
+    ``-sum_v p_t log m`` for the forward skew KL, which differs from ``SKL`` by the
+    teacher's entropy, a constant: the gradients are the same. The mixture is formed in log
+    space; the gradient also flows through the student's share of it.
+
+    Args:
+        student_logits: ``(B, T, V)`` raw scores of the student (or ``(B, C)``).
+        teacher_logits: the teacher's scores, same shape (detached: a fixed target).
+        lam: skew ``in [0, 1)``, the share of the first distribution in the mixture (0.1 in
+            the paper).
+        temperature: softening temperature ``T > 0`` (separate from any sampling temperature).
+        direction: ``"forward"`` (SKL) or ``"reverse"`` (SRKL).
+        temperature_squared: multiply by ``T^2``.
+        mask: optional ``(B, T)`` boolean mask of the positions that count.
+        reduction: ``"mean"`` over the counted positions (0 when none counts) or ``"sum"``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: the vocabularies differ, ``lam`` outside ``[0, 1)``, ``T <= 0``, an
+            unknown ``direction`` or ``reduction``, or a mask of the wrong shape.
+    """
+    lam_ = _check_fraction("lam", lam, "the share of the first distribution in the mixture; 1 would compare "
+                           "a distribution with itself (always 0)", upper_open=True)
+    return token_loss(
+        _skew_rows(lam_, _check_direction(direction)), student_logits, teacher_logits, temperature,
+        temperature_squared=temperature_squared, mask=mask, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+def total_variation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    temperature_squared: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Total variation distance: ``L = T^2 * mean_i 0.5 * sum_v |p_t(i)_v - p_s(i)_v|``.
+
+    Symmetric and bounded in ``[0, 1]`` per position; used as a distillation objective for
+    language models by Wen, Li, Du & Mou (2023), "f-Divergence Minimization for
+    Sequence-Level Knowledge Distillation", ACL 2023, arXiv:2307.15190, and among DistiLLM's
+    baselines (Ko et al. 2024).
+
+    Args:
+        student_logits: ``(B, T, V)`` raw scores of the student (or ``(B, C)``).
+        teacher_logits: the teacher's scores, same shape (detached: a fixed target).
+        temperature: softening temperature ``T > 0`` (separate from any sampling temperature).
+        temperature_squared: multiply by ``T^2`` (the default of every loss here).
+        mask: optional ``(B, T)`` boolean mask of the positions that count.
+        reduction: ``"mean"`` over the counted positions (0 when none counts) or ``"sum"``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: the vocabularies differ, ``T <= 0``, an unknown ``reduction``, or a mask
+            of the wrong shape.
+    """
+    return token_loss(
+        _tv_rows, student_logits, teacher_logits, temperature, temperature_squared=temperature_squared,
+        mask=mask, reduction=reduction, chunk_size=chunk_size,
+    )
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+class _TokenLoss(DistillationLoss):
+    """Shared by the token losses: the temperature, the ``T^2`` switch, the chunk size, and
+    the mask taken from the batch (``targets >= 0`` for a token batch, else every position)."""
+
+    def __init__(self, temperature: float, temperature_squared: bool, chunk_size: int | None):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.temperature_squared = bool(temperature_squared)
+        self.chunk_size = _check_chunk_size(chunk_size)
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> torch.Tensor:
+        """The mean over this batch's trained-on positions (``batch.targets >= 0``)."""
+        mask = batch.token_mask if batch is not None else None
+        return self.loss(student.logits, teacher.logits, mask)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, temperature_squared={self.temperature_squared}, "
+                f"chunk_size={self.chunk_size}")
+
+
+class TokenKLLoss(_TokenLoss):
+    """Forward (or reverse) KL per token, mean over trained-on positions; see
+    :func:`token_kl_loss`. In YAML: ``{name: forward_kl}`` or
+    ``{name: token_kl, direction: reverse}``.
+
+    Args:
+        direction: ``"forward"`` (``KL(p_t || p_s)``, mode-covering) or ``"reverse"``
+            (``KL(p_s || p_t)``, mode-seeking, MiniLLM).
+        temperature: softening temperature ``T > 0``.
+        temperature_squared: multiply by ``T^2``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+    """
+
+    aliases: ClassVar[tuple[str, ...]] = ("forward_kl", "token_kl")
+
+    def __init__(
+        self,
+        direction: str = "forward",
+        temperature: float = 1.0,
+        *,
+        temperature_squared: bool = True,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(temperature, temperature_squared, chunk_size)
+        self.direction = _check_direction(direction)
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return token_kl_loss(
+            student_logits, teacher_logits, self.temperature, direction=self.direction,
+            temperature_squared=self.temperature_squared, mask=mask, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"direction={self.direction!r}, " + super().extra_repr()
+
+
+class GeneralizedJSDLoss(_TokenLoss):
+    """GKD's generalized Jensen-Shannon divergence per token; see :func:`generalized_jsd_loss`.
+    In YAML: ``{name: gkd, beta: 0.5}``.
+
+    Args:
+        beta: ``in [0, 1]``: 0 forward KL, 1 reverse KL (TRL's convention).
+        temperature: softening temperature ``T > 0``.
+        temperature_squared: multiply by ``T^2`` (``False`` matches TRL's GKD).
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+    """
+
+    aliases: ClassVar[tuple[str, ...]] = ("generalized_jsd", "gkd", "jsd_beta")
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        *,
+        temperature_squared: bool = True,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(temperature, temperature_squared, chunk_size)
+        self.beta = _check_fraction("beta", beta, "0 is forward KL(teacher || student), 1 reverse KL(student || teacher)")
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return generalized_jsd_loss(
+            student_logits, teacher_logits, self.beta, self.temperature,
+            temperature_squared=self.temperature_squared, mask=mask, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, " + super().extra_repr()
+
+
+class SkewKLLoss(_TokenLoss):
+    """DistiLLM's skew KL per token; see :func:`skew_kl_loss`. In YAML:
+    ``{name: skew_kl, lam: 0.1}`` (forward) or ``{name: skew_reverse_kl}``.
+
+    Args:
+        lam: skew ``in [0, 1)`` (0.1 in the paper).
+        temperature: softening temperature ``T > 0``.
+        direction: ``"forward"`` (SKL) or ``"reverse"`` (SRKL).
+        temperature_squared: multiply by ``T^2``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+    """
+
+    aliases: ClassVar[tuple[str, ...]] = ("skew_kl", "skew_forward_kl")
+
+    def __init__(
+        self,
+        lam: float = 0.1,
+        temperature: float = 1.0,
+        *,
+        direction: str = "forward",
+        temperature_squared: bool = True,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(temperature, temperature_squared, chunk_size)
+        self.lam = _check_fraction("lam", lam, "the share of the first distribution in the mixture", upper_open=True)
+        self.direction = _check_direction(direction)
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return skew_kl_loss(
+            student_logits, teacher_logits, self.lam, self.temperature, direction=self.direction,
+            temperature_squared=self.temperature_squared, mask=mask, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, direction={self.direction!r}, " + super().extra_repr()
+
+
+class SkewReverseKLLoss(SkewKLLoss):
+    """DistiLLM's skew reverse KL, ``KL(p_s || lam * p_s + (1 - lam) * p_t)`` per token: the
+    name YAML's ``{name: skew_reverse_kl}`` resolves to; see :func:`skew_kl_loss`.
+
+    Args:
+        lam: skew ``in [0, 1)`` (0.1 in the paper).
+        temperature: softening temperature ``T > 0``.
+        temperature_squared: multiply by ``T^2``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+    """
+
+    aliases: ClassVar[tuple[str, ...]] = ("skew_reverse_kl",)
+
+    def __init__(
+        self,
+        lam: float = 0.1,
+        temperature: float = 1.0,
+        *,
+        temperature_squared: bool = True,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(lam, temperature, direction="reverse", temperature_squared=temperature_squared,
+                         chunk_size=chunk_size)
+
+
+class TotalVariationLoss(_TokenLoss):
+    """Total variation distance per token; see :func:`total_variation_loss`. In YAML:
+    ``{name: tv}``.
+
+    Args:
+        temperature: softening temperature ``T > 0``.
+        temperature_squared: multiply by ``T^2``.
+        chunk_size: token positions per chunk (``None``: automatic, ``0``: unchunked).
+    """
+
+    aliases: ClassVar[tuple[str, ...]] = ("total_variation", "tv")
+
+    def __init__(self, temperature: float = 1.0, *, temperature_squared: bool = True, chunk_size: int | None = None):
+        super().__init__(temperature, temperature_squared, chunk_size)
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return total_variation_loss(
+            student_logits, teacher_logits, self.temperature, temperature_squared=self.temperature_squared,
+            mask=mask, chunk_size=self.chunk_size,
+        )
