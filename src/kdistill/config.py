@@ -373,14 +373,43 @@ class CallbackSpec(ComponentSpec):
 
 
 # --------------------------------------------------------------------------- sections
+class TextDataConfig(_Strict):
+    """A language-model run's text (:mod:`kdistill.data.text`): the corpus, the tokenizer
+    and the blocks trained on. Setting ``data.text`` makes the run a language-model run
+    (teacher, scratch and distilled causal LMs; held-out perplexity in the report)."""
+
+    corpus: Literal["python_source"] | None = Field(
+        default="python_source", description="python_source: this Python's standard-library sources (PSF License); "
+        "null with files or jsonl")
+    files: list[str] | None = Field(default=None, description="plain-text files (UTF-8), packed into blocks")
+    jsonl: str | None = Field(default=None, description="a JSONL file of prompt/completion or messages records")
+    max_bytes: int | None = Field(default=None, ge=1, description="read at most this many bytes of the corpus")
+    held_out: float = Field(default=0.05, gt=0, lt=1, description="share held out for evaluation (by file, or by record)")
+    tokenizer: str | None = Field(default=None, description="a saved tokenizer's directory; null trains a byte-level "
+                                  "BPE on the training text (saved as RUN_DIR/tokenizer)")
+    vocab_size: int = Field(default=2048, ge=260, description="vocabulary of the trained tokenizer")
+    block_size: int = Field(default=128, ge=8, description="tokens per training sequence (packed text); the "
+                            "longest sequence kept for jsonl")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TextDataConfig":
+        if self.files is not None or self.jsonl is not None:
+            self.__dict__["corpus"] = None  # files/jsonl replace the built-in corpus
+        given = [k for k in ("corpus", "files", "jsonl") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"data.text takes one of corpus, files or jsonl; got {given or 'none'}")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the data comes from and how it is batched."""
 
     dataset: str | None = Field(default="fashion_mnist", description="fashion_mnist, mnist, kmnist, digits, cifar10 or cifar100")
     reader: ReaderSpec | None = Field(
         default=None, description="_component_ returning a kdistill.data.DatasetSplits (instead of dataset)")
+    text: TextDataConfig | None = Field(default=None, description="text for language models (instead of dataset)")
     data_dir: str | None = None
-    subset: int | None = Field(default=None, ge=1, description="labelled training samples the students see")
+    subset: int | None = Field(default=None, ge=1, description="labelled training samples (text: sequences) the students see")
     unlabelled: bool = Field(default=False, description="the rest of the training set joins distillation unlabelled")
     augment: list[AugmentSpec] = Field(default_factory=list)
     normalize: bool = Field(default=False, description="standardise each channel with the training set's mean and std")
@@ -389,10 +418,12 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if self.reader is not None:
-            self.__dict__["dataset"] = None  # the reader replaces the built-in dataset
-        if self.dataset is None and self.reader is None:
-            raise ValueError("give data.dataset (a built-in name) or data.reader (a _component_)")
+        if self.reader is not None or self.text is not None:
+            self.__dict__["dataset"] = None  # the reader (or the text) replaces the built-in dataset
+        if self.dataset is None and self.reader is None and self.text is None:
+            raise ValueError("give data.dataset (a built-in name), data.reader (a _component_) or data.text")
+        if self.text is not None and (self.unlabelled or self.augment or self.normalize or self.reader is not None):
+            raise ValueError("data.text takes none of unlabelled, augment, normalize or reader (they are for images)")
         if self.unlabelled and self.subset is None:
             raise ValueError("data.unlabelled needs data.subset: the samples beyond the first `subset` labelled ones are the unlabelled data")
         return self
@@ -490,6 +521,9 @@ class DistilStage(StageConfig):
     losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="kd")], min_length=1)
     teacher_cache: TeacherCacheConfig | None = Field(
         default=None, description="distil from an offline cache of the teacher's outputs (true: the defaults)")
+    vocab_size: int | None = Field(
+        default=None, ge=2, description="language models whose heads differ in size (one padded): compare the first "
+        "vocab_size logits (the tokenizer's vocabulary)")
 
     @field_validator("teacher_cache", mode="before")
     @classmethod
@@ -534,6 +568,11 @@ class ReportConfig(_Strict):
     latency_batch: int = Field(default=1, ge=1)
     throughput_batch: int = Field(default=256, ge=1)
     repeats: int = Field(default=50, ge=3)
+    samples: int = Field(default=3, ge=0, description="language models: generated samples per model (prompts are "
+                         "the starts of held-out sequences)")
+    prompt_tokens: int = Field(default=24, ge=1, description="language models: tokens of each sample's prompt")
+    new_tokens: int = Field(default=48, ge=1, description="language models: tokens generated per sample, and per "
+                            "timed generation (greedy, batch 1)")
 
 
 class ExperimentConfig(_Strict):
@@ -562,7 +601,7 @@ class ExperimentConfig(_Strict):
         ts = self.stages.teacher
         if ts.epochs is None:  # resolved here, so the dumped config and every fingerprint hold a number
             ts.__dict__["epochs"] = 0 if self.teacher.checkpoint is not None else 1
-        elif ts.epochs == 0 and self.teacher.checkpoint is None:
+        elif ts.epochs == 0 and self.teacher.checkpoint is None and "path" not in self.teacher.kwargs:
             raise ValueError(
                 "stages.teacher.epochs is 0 (use the teacher as it is), but no teacher.checkpoint is given: set "
                 "teacher.checkpoint to a file of trained weights (kdistill checkpoint, PyTorch state_dict or "

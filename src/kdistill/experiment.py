@@ -170,6 +170,11 @@ def build_losses(stage) -> DistillationLoss:
     return WeightedSum(built)
 
 
+def steps_per_epoch(n_samples: int, batch: int, accumulate: int = 1) -> int:
+    """Optimizer steps per epoch: one per ``accumulate`` batches (the last on the rest)."""
+    return -(-(-(-n_samples // batch)) // accumulate)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -439,10 +444,14 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     distributed.barrier()
     set_threads(config.threads)
     device = get_device(config.device)
-    data = load_data(config)
     store = None
     if config.teacher_store is not None:
         store = default_store() if config.teacher_store == "auto" else Path(config.teacher_store).expanduser()
+    if config.data.text is not None:  # a language-model run: its own data, models and measurements
+        from .text_experiment import run_text_stages
+
+        return run_text_stages(config, run_dir, device, store, verbose=verbose, log=log, started=started)
+    data = load_data(config)
     ctx = StageContext(config, run_dir, store, device, data, data_fingerprint(data), verbose, log)
     distributed.check_agreement("the data", {"data_fingerprint": ctx.data_fp})
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -467,9 +476,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
         seed_everything(config.seed)  # scratch and distilled students start from the same weights
         return build_model(spec, data)
 
-    def steps(n_samples: int, batch: int, accumulate: int = 1) -> int:
-        """Optimizer steps per epoch: one per ``accumulate`` batches (the last on the rest)."""
-        return -(-(-(-n_samples // batch)) // accumulate)
+    steps = steps_per_epoch
 
     # 2. the teacher: a checkpoint used as it is, or trained (fine-tuned from the
     #    checkpoint, if one is given) on the full training set

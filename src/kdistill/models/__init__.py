@@ -11,6 +11,7 @@ from typing import Callable
 from torch import nn
 
 from .cifar import cifar_resnet, resnet8x4, resnet20, resnet32x4, resnet56, wide_resnet, wrn_16_2, wrn_40_1, wrn_40_2
+from .causal_lm import causal_lm
 from .classic import classic_cnn, classic_student, classic_teacher
 from .mlp import mlp
 from .mobilenetv2 import mobilenetv2
@@ -35,6 +36,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg13": vgg13,
     "mobilenetv2": mobilenetv2,
     "shufflenetv2": shufflenetv2,
+    # a Hugging Face causal language model (transformers, the `text` extra): built from a
+    # configuration or loaded from a local directory; language-model runs (data.text) only
+    "causal_lm": causal_lm,
 }
 
 

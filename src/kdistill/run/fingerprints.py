@@ -38,14 +38,24 @@ def config_fingerprint(config: ExperimentConfig) -> str:
         d.pop(key, None)
     d["stages"] = {name: None if stage is None else stage_settings(getattr(config.stages, name))
                    for name, stage in d["stages"].items()}
+    # settings added later, left out at their defaults: an older run directory keeps its fingerprint
+    if d["data"].get("text") is None:
+        d["data"].pop("text", None)
+    for key, default in REPORT_DEFAULTS.items():
+        if d["report"].get(key) == default:
+            d["report"].pop(key)
     return fingerprint(d)
+
+
+#: Report settings of language-model runs, left out of an image run's fingerprint at these defaults.
+REPORT_DEFAULTS = {"samples": 3, "prompt_tokens": 24, "new_tokens": 48}
 
 
 #: Training-step settings of a stage and their defaults (see :func:`stage_settings`).
 STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": None}
 #: Stage settings that fingerprints leave out while at these defaults (the step settings,
 #: and the weight average of :class:`kdistill.callbacks.EMA`).
-OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None}
+OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None, "vocab_size": None}
 
 
 def stage_settings(stage) -> dict[str, Any]:
