@@ -7,13 +7,16 @@ times faster than ``DataLoader`` (``benchmarks/loader_overhead.py`` measures it)
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..outputs import UNLABELLED, Batch
+from ..outputs import IGNORE_INDEX, UNLABELLED, Batch, next_token_targets
+
+if TYPE_CHECKING:
+    from .text import TokenLoader
 
 
 def as_tensor(x: Any, *, name: str, labels: bool = False) -> torch.Tensor:
@@ -185,10 +188,13 @@ def _to_batch(item: Any, index: torch.Tensor | None = None) -> Batch:
     if isinstance(item, Batch):
         return item
     if isinstance(item, dict):
+        if "input_ids" in item and not any(k in item for k in ("inputs", "x", "input")):
+            return _token_batch(item, index)
         x = item.get("inputs", item.get("x", item.get("input")))
         if x is None:
             raise ValueError(
-                f"a dict batch must hold the inputs under 'inputs' (or 'x'); got keys {sorted(item)}"
+                "a dict batch must hold the inputs under 'inputs' (or 'x'), or be a Hugging Face style "
+                f"batch with 'input_ids' (and 'attention_mask', 'labels'); got keys {sorted(item)}"
             )
         y = item.get("targets", item.get("y", item.get("labels", item.get("label"))))
         idx = item.get("index", index)
@@ -204,8 +210,32 @@ def _to_batch(item: Any, index: torch.Tensor | None = None) -> Batch:
             return Batch(item[0], torch.as_tensor(item[1]).long(), torch.as_tensor(item[2]).long())
     raise TypeError(
         f"cannot read a batch from {type(item).__name__}: expected a Batch, a tensor, "
-        "(inputs,), (inputs, targets), (inputs, targets, index) or a dict with 'inputs'"
+        "(inputs,), (inputs, targets), (inputs, targets, index) or a dict with 'inputs' or 'input_ids'"
     )
+
+
+def _token_batch(item: dict, index: torch.Tensor | None) -> Batch:
+    """A Hugging Face style batch (``input_ids``, ``attention_mask``, ``labels``, ...) as a Batch.
+
+    The inputs are the tensor entries other than ``labels`` and ``index``. The targets
+    are ``next_token_targets(labels)`` for ``(B, T)`` labels, ``labels`` themselves for
+    ``(B,)`` class labels (a sequence classifier), and without labels the input ids
+    shifted, -100 where ``attention_mask`` is 0.
+    """
+    ids = item["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        shape = f" of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else ""
+        raise ValueError(f"'input_ids' must be a (batch, sequence) tensor, got {type(ids).__name__}{shape}; "
+                         "collate the batch with return_tensors='pt'")
+    inputs = {k: v for k, v in item.items() if k not in ("labels", "index") and isinstance(v, torch.Tensor)}
+    labels = item.get("labels")
+    if labels is None:
+        mask = inputs.get("attention_mask")
+        labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels = torch.as_tensor(labels).long()
+    targets = labels if labels.dim() == 1 else next_token_targets(labels)
+    idx = item.get("index", index)
+    return Batch(inputs, targets, None if idx is None else torch.as_tensor(idx).long())
 
 
 class DataLoaderAdapter:
@@ -245,11 +275,13 @@ def make_loader(
     unlabelled: Any = None,
     shard: tuple[int, int] | None = None,
     pad: bool = True,
-) -> ArrayLoader | DataLoaderAdapter:
+) -> ArrayLoader | DataLoaderAdapter | TokenLoader:
     """Build the batch iterator ``fit``/``evaluate``/``predict`` use.
 
     Args:
-        x: numpy array, tensor, ``Dataset`` or ``DataLoader``.
+        x: numpy array, tensor, ``Dataset``, ``DataLoader``, or a
+            :class:`~kdistill.data.text.TokenDataset` (batches padded to their longest
+            sequence, see :meth:`~kdistill.data.text.TokenDataset.loader`).
         y: labels when ``x`` is an array or tensor; must be ``None`` otherwise.
         batch_size, shuffle, generator, drop_last: as for :class:`ArrayLoader`. Ignored for
             a ``DataLoader``, which keeps its own.
@@ -260,6 +292,14 @@ def make_loader(
     Returns:
         An iterable of :class:`~kdistill.outputs.Batch` with ``len()``.
     """
+    from .text import TokenDataset  # (text.py imports this module)
+
+    if isinstance(x, TokenDataset):
+        if y is not None or unlabelled is not None:
+            raise ValueError(
+                "a TokenDataset carries its own labels (its tokens, -100 where not trained on): "
+                f"pass y=None and unlabelled=None, got y={type(y).__name__}, unlabelled={type(unlabelled).__name__}")
+        return x.loader(batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, shard=shard, pad=pad)
     if isinstance(x, DataLoader):
         if y is not None or unlabelled is not None:
             raise ValueError("pass labels and unlabelled data inside the DataLoader, not as y/unlabelled")
