@@ -3,6 +3,8 @@
 * ``logits.py``: KD (Hinton et al. 2015), DKD, DIST, logit-standardised KD, reverse KL,
   Jensen-Shannon;
 * ``features.py``: FitNets hints, attention transfer (AT), NST, VID, factor transfer (FT);
+* ``hidden.py``: hidden-state distillation for language models (TinyBERT-style layer
+  mapping, learned projections, padding masked out);
 * ``relations.py``: SP, RKD (distance + angle), PKT, CC;
 * ``contrastive.py``: CRD with its memory bank;
 * ``tokens.py``: token-level losses for language models, chunked over positions: forward
@@ -27,6 +29,14 @@ from .features import (
     hint_loss,
     nst_loss,
     vid_loss,
+)
+from .hidden import (
+    HiddenStateLoss,
+    decoder_layer_paths,
+    hidden_state_loss,
+    hidden_state_losses,
+    hidden_state_mask,
+    layer_mapping,
 )
 from .logits import (
     DISTLoss,
@@ -81,6 +91,7 @@ __all__ = [
     "EmbedHead",
     "FTLoss",
     "GeneralizedJSDLoss",
+    "HiddenStateLoss",
     "HintLoss",
     "JSDivergenceLoss",
     "KDLoss",
@@ -104,14 +115,19 @@ __all__ = [
     "cc_loss",
     "check_divergence",
     "crd_loss",
+    "decoder_layer_paths",
     "dist_loss",
     "dkd_loss",
     "ft_loss",
     "generalized_jsd_loss",
+    "hidden_state_loss",
+    "hidden_state_losses",
+    "hidden_state_mask",
     "hint_loss",
     "js_divergence_loss",
     "kd_loss",
     "kl_divergence",
+    "layer_mapping",
     "ls_kd_loss",
     "nce_loss",
     "nst_loss",
