@@ -242,15 +242,20 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 else:
                     grad.index_copy_(0, index, g.to(grad.dtype))
             total += value.detach()
-        ctx.grad = grad
+        # saved (not an attribute of ctx), so autograd frees the buffer once backward has run
+        if grad is not None:
+            ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        grad = ctx.grad
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        # out of place: the buffer stays valid for a second backward (retain_graph=True);
         # a 0-dim grad_output keeps the buffer's dtype
-        return (None if grad is None else grad * grad_output), None, None, None, None, None, None
+        return grad * grad_output, None, None, None, None, None, None
 
 
 def token_loss(
