@@ -1,7 +1,8 @@
 """``kdistill report RUN_DIR``: (re)write ``report.md`` and ``report.html`` of a finished run
 from its ``metrics.json`` (``kdistill run`` does this itself at the end). Numbers derived
 from the measured accuracies (gain, accuracy recovered) are recomputed with this version's
-definitions."""
+definitions; for a language-model run, from the held-out losses and perplexities
+(perplexity gain, loss gap recovered)."""
 
 from __future__ import annotations
 

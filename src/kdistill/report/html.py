@@ -21,6 +21,7 @@ from . import content
 from .figures import plot_confusion_matrix, plot_stage_curves
 from .markdown import render_markdown
 from .plots import plot_curves
+from .text import write_text_report
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
          ".gif": "image/gif", ".webp": "image/webp"}
@@ -115,13 +116,16 @@ def write_report(run_dir: str | os.PathLike, metrics: Mapping[str, Any] | None =
     ``curves.png``: loss terms and accuracy per stage; ``confusion.png``: the distilled
     student's confusion matrix), the first two from the stages' training histories
     (a teacher used as it is from a checkpoint has none); 2. the two reports, written atomically.
+    A language-model run (``metrics["task"] == "text"``) gets its own report
+    (:func:`kdistill.report.text.write_text_report`: ``loss`` and ``curves`` figures).
 
     Args:
         run_dir: the run directory.
         metrics: its ``metrics.json`` content (default: read from ``run_dir/metrics.json``).
 
     Returns:
-        ``{"accuracy", "curves", "confusion" (those drawn), "markdown", "html": path}``.
+        ``{"accuracy", "curves", "confusion" (those drawn), "markdown", "html": path}``
+        (a language-model run: ``{"loss", "curves", "markdown", "html"}``).
 
     Raises:
         FileNotFoundError: if ``metrics`` is not given and ``run_dir/metrics.json`` is missing.
@@ -133,6 +137,8 @@ def write_report(run_dir: str | os.PathLike, metrics: Mapping[str, Any] | None =
             raise FileNotFoundError(f"no metrics.json in {run_dir}; pass the metrics, or run "
                                     "`kdistill run CONFIG.yaml` to make the run directory")
         metrics = json.loads(path.read_text(encoding="utf-8"))
+    if metrics.get("task") == "text":  # a language-model run: measured on held-out text
+        return write_text_report(run_dir, metrics)
     fig_dir = run_dir / "figures"
     dataset = metrics["dataset"]["name"]
     figures: dict[str, Path] = {}

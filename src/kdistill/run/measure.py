@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -39,17 +40,29 @@ class StageClock:
 
 def training_warnings(metrics: dict) -> list[str]:
     """What in a finished run looks like failed training, one sentence each: a model at
-    chance accuracy, or a stage whose training loss ended far above its first epoch's
-    (a diverged optimisation, e.g. a learning rate orders of magnitude too high).
-    The run still finishes; the log and the report say it."""
+    chance accuracy (a language model: a held-out perplexity at or above its vocabulary's
+    size, no better than a uniform guess, or not finite), or a stage whose training loss
+    ended far above its first epoch's (a diverged optimisation, e.g. a learning rate orders
+    of magnitude too high). A distilled student worse than the scratch one is not a failed
+    training: the report says so, this does not. The run still finishes; the log and the
+    report say it."""
     out = []
-    n = (metrics.get("dataset") or {}).get("num_classes") or 0
+    dataset = metrics.get("dataset") or {}
+    n = dataset.get("num_classes") or 0
+    vocab = dataset.get("vocab_size") or 0
     for name, m in (metrics.get("models") or {}).items():
         acc = m.get("test_accuracy")
         if n > 1 and acc is not None and acc <= 1.5 / n:
             out.append(f"{stage_label(name)} is at chance accuracy ({100 * acc:.2f}% with {n} classes): its "
                        f"training failed; check stages.{name}.optimizer (a learning rate far too high diverges) "
                        "and the data")
+        ppl = m.get("perplexity") if metrics.get("task") == "text" else None
+        if ppl is not None and (not math.isfinite(ppl) or (vocab > 1 and ppl >= vocab)):
+            standing = (f"no better than a uniform guess over the {vocab:,} tokens of the vocabulary"
+                        if vocab > 1 and not math.isnan(ppl) else "not a finite number")
+            out.append(f"{stage_label(name)}'s held-out perplexity is {ppl:,.1f}, {standing}: its training failed; "
+                       f"check stages.{name}.optimizer (a learning rate far too high diverges), its epochs and "
+                       "the data")
     for name, record in (metrics.get("histories") or {}).items():
         loss = [v for v in ((record or {}).get("history") or {}).get("loss") or [] if v is not None]
         if len(loss) >= 2 and loss[-1] > 10 * max(loss[0], 1e-8):
@@ -108,9 +121,15 @@ def write_run_report(run_dir: Path, metrics: dict) -> dict[str, Path]:
 
 def refresh_metrics(run_dir: Path, metrics: dict) -> dict:
     """Recompute the derived numbers of ``metrics.json`` (written by an older kdistill)
-    from the measured accuracies; rewrites the file when they changed."""
-    gain, recovered = headline_numbers(metrics.get("models", {}))
-    if (metrics.get("distillation_gain_points"), metrics.get("accuracy_recovered")) != (gain, recovered):
-        metrics = {**metrics, "distillation_gain_points": gain, "accuracy_recovered": recovered}
+    from the measured accuracies (a language-model run: held-out losses and perplexities);
+    rewrites the file when they changed."""
+    if metrics.get("task") == "text":
+        from ..report.text import text_headline_numbers
+
+        keys, numbers = ("perplexity_gain", "loss_gap_recovered"), text_headline_numbers(metrics.get("models", {}))
+    else:
+        keys, numbers = ("distillation_gain_points", "accuracy_recovered"), headline_numbers(metrics.get("models", {}))
+    if tuple(metrics.get(k) for k in keys) != numbers:
+        metrics = {**metrics, **dict(zip(keys, numbers))}
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
