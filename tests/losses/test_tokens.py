@@ -305,6 +305,15 @@ def test_the_gradient_is_scaled_by_what_flows_back():
     assert torch.equal(g1, g2)
 
 
+def test_the_gradient_buffer_is_freed_by_backward():
+    zs, zt = pair()
+    loss = token_kl_loss(zs, zt, chunk_size=3)
+    assert loss.grad_fn.saved_tensors[0].shape == (10, 7)  # the (N, V) buffer, until backward
+    loss.backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        loss.grad_fn.saved_tensors
+
+
 def test_automatic_chunks_bound_the_logits_per_chunk(monkeypatch):
     zs, zt = pair(b=2, t=10, v=8)
     want = value_and_grad(token_kl_loss, zs, zt, chunk_size=0)

@@ -46,8 +46,6 @@ DEFAULT_CHUNK_ELEMENTS = 2**22
 _REDUCTIONS = ("mean", "sum")
 _DIRECTIONS = ("forward", "reverse")
 
-#: ``per_row(student_chunk, teacher_chunk) -> (n,)``: one position's loss per row.
-RowLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------ checks
@@ -150,6 +148,29 @@ def _reverse_kl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tens
     return _kl_rows(log_p_s, log_p_t)
 
 
+# The two KLs also come with their gradient in closed form, with respect to the softened
+# student logits u = z_s / T (what the chunked path uses instead of a backward pass):
+#   forward: d/du KL(p_t || p_s) = p_s - p_t
+#   reverse: d/du KL(p_s || p_t) = p_s * (d - sum_v p_s d),  d = log p_s - log p_t
+
+
+def _forward_kl_rows_and_grad(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p_t = log_p_t.exp()
+    rows = (p_t * torch.where(p_t > 0, log_p_t - log_p_s, 0.0)).sum(dim=-1)
+    return rows, log_p_s.exp_().sub_(p_t)  # log_p_s is not needed after this
+
+
+def _reverse_kl_rows_and_grad(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p_s = log_p_s.exp()
+    d = torch.where(p_s > 0, log_p_s - log_p_t, 0.0)
+    rows = (p_s * d).sum(dim=-1)
+    return rows, d.sub_(rows.unsqueeze(-1)).mul_(p_s)
+
+
+#: The divergences whose gradient is written out above.
+_CLOSED_FORM = {_forward_kl_rows: _forward_kl_rows_and_grad, _reverse_kl_rows: _reverse_kl_rows_and_grad}
+
+
 def _gjsd_rows(beta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if beta == 0.0:  # the mixture form vanishes at the ends; by definition these are the KLs
         return _forward_kl_rows
@@ -183,15 +204,41 @@ def _tv_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_p_s.exp() - log_p_t.exp()).abs().sum(dim=-1)
 
 
-def _softened(divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float) -> RowLoss:
-    """The per-row loss on logits: log-softmax of ``z / T`` on both sides, then ``divergence``."""
+class _Softened:
+    """A divergence applied to logits: log-softmax of ``z / T`` on both sides, then the
+    divergence of each row; with the gradient of a chunk's scaled sum, for the chunked path."""
 
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        if temperature != 1.0:  # x / 1 is x: no copy
-            student, teacher = student / temperature, teacher / temperature
-        return divergence(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1))
+    def __init__(self, divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float):
+        self.divergence = divergence
+        self.temperature = temperature
+        self.closed_form = _CLOSED_FORM.get(divergence)
 
-    return per_row
+    def _log_probs(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.temperature
+        if t != 1.0:  # x / 1 is x: no copy
+            student, teacher = student / t, teacher / t
+        return F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``(n, V), (n, V) -> (n,)``: the divergence of each row (differentiable)."""
+        return self.divergence(*self._log_probs(student, teacher))
+
+    def value_and_grad(
+        self, student: torch.Tensor, teacher: torch.Tensor, scale: float, needs_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``scale * sum`` of the rows' divergences, and its gradient w.r.t. ``student``
+        (``None`` unless ``needs_grad``): in closed form where there is one, else by autograd
+        on a detached copy of the chunk."""
+        if not needs_grad:
+            return self(student, teacher).sum() * scale, None
+        if self.closed_form is not None:
+            rows, grad_u = self.closed_form(*self._log_probs(student, teacher))
+            return rows.sum() * scale, grad_u.mul_(scale / self.temperature)  # du/dz = 1 / T
+        leaf = student.detach().requires_grad_()
+        with torch.enable_grad():
+            value = self(leaf, teacher).sum() * scale
+        (grad,) = torch.autograd.grad(value, leaf)
+        return value.detach(), grad
 
 
 # ---------------------------------------------------------------------- chunked autograd
@@ -208,7 +255,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         student: torch.Tensor,
         teacher: torch.Tensor,
         rows: torch.Tensor | None,
-        per_row: RowLoss,
+        per_row: "_Softened",
         scale: float,
         chunk: int,
         dtype: torch.dtype,
@@ -229,19 +276,14 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             else:
                 index = rows[start : start + chunk]
                 s_c, t_c = student.index_select(0, index), teacher.index_select(0, index)
-            s_c = s_c.detach().to(dtype)
-            t_c = t_c.to(dtype)
             # 2. its loss, and at once its gradient w.r.t. the chunk's student logits
-            with torch.enable_grad():
-                s_c.requires_grad_(needs_grad)
-                value = per_row(s_c, t_c).sum() * scale
-            if needs_grad:
-                (g,) = torch.autograd.grad(value, s_c)
+            value, g = per_row.value_and_grad(s_c.detach().to(dtype), t_c.to(dtype), scale, needs_grad)
+            if g is not None:
                 if index is None:
                     grad[start : start + chunk].copy_(g)
                 else:
                     grad.index_copy_(0, index, g.to(grad.dtype))
-            total += value.detach()
+            total += value
         # saved (not an attribute of ctx), so autograd frees the buffer once backward has run
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -314,7 +356,7 @@ def token_loss(
             rows = None  # all of them: no copies
     scale = (t * t if temperature_squared else 1.0) / (max(count, 1) if reduction == "mean" else 1)
     dtype = torch.promote_types(compute_dtype(student), compute_dtype(teacher))
-    loss_rows = _softened(divergence, t)
+    loss_rows = _Softened(divergence, t)
     chunk = _chunk_rows(chunk_size, vocab, count)
     if chunk == 0:
         # plain autograd over all counted positions at once
