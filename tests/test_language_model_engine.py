@@ -328,10 +328,6 @@ def test_a_token_loss_counts_the_trained_on_positions_only():
     assert float(logs["student_loss"]) == pytest.approx(float(token_ce(s_logits, rows["labels"])), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="compile()'s default distillation loss (SoftTargetLoss 'kl' -> kd_loss) and "
-                                       "KDLoss pass no mask to kd_loss: on a token batch they average over every "
-                                       "position, padding and prompt included, while the engine weighs micro-batches "
-                                       "and processes by trained-on tokens")
 def test_the_default_distillation_loss_counts_the_trained_on_positions_only():
     teacher, student = llama(seed=1), gpt2(seed=2)
     rows = hf_rows(**ROWS)
@@ -456,9 +452,6 @@ def test_a_token_id_beyond_the_teachers_embeddings_names_the_teacher():
         d.train_step(batch)
 
 
-@pytest.mark.xfail(strict=True, reason="a dict input is explained on the first batch of its shapes only: a later "
-                                       "batch of the same shapes with an id past the embeddings raises a bare "
-                                       "IndexError ('index out of range in self')")
 def test_a_token_id_beyond_the_embeddings_is_named_in_a_later_batch_too():
     model = llama()
     trainer = Trainer(model, device="cpu").compile(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -477,7 +477,7 @@ class Trainer:
             both = (batch.targets != UNLABELLED) & (batch.mix.targets != UNLABELLED)
             n = int(both.sum())
             if n == 0:
-                return logits.new_zeros(()), 0
+                return self._no_loss(logits), 0
             z = logits[both] if self.train_temperature == 1.0 else logits[both] / self.train_temperature
             lam = batch.mix.lam
             return lam * self.loss_fn(z, batch.targets[both]) + (1 - lam) * self.loss_fn(z, batch.mix.targets[both]), n
@@ -503,7 +503,7 @@ class Trainer:
         else:
             n = int(mask.sum())
             if n == 0:
-                return logits.new_zeros(()), 0
+                return self._no_loss(logits), 0
             logits, targets = logits[mask], batch.targets[mask]
         try:  # (x / 1 is x, bit for bit: the ordinary softmax needs no division)
             return call(logits if t == 1.0 else logits / t, targets), n
@@ -514,6 +514,12 @@ class Trainer:
                 f"from {int(targets.min())} to {int(targets.max())}. Build the model with "
                 f"num_classes=<number of classes> or fix the labels. ({e})"
             ) from e
+
+    def _no_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch with nothing to learn from (no labelled sample, no trained-on
+        token): 0. In a multi-process fit a 0 connected to the graph (zero gradients), so
+        this process still joins DDP's gradient all-reduce with the others."""
+        return logits.new_zeros(()) if self._ddp is None else logits.sum() * 0.0
 
     def _token_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         """A sequence model's hard-label loss: the mean over the trained-on token positions
@@ -526,7 +532,7 @@ class Trainer:
         mask = batch.labelled  # (B, T): targets >= 0
         n = int(mask.sum())
         if n == 0:
-            return logits.new_zeros(()), 0
+            return self._no_loss(logits), 0
         fn, t = self.loss_fn, self.train_temperature
         z = logits if t == 1.0 else logits / t
         vocab = logits.shape[-1]
@@ -1179,7 +1185,10 @@ class Trainer:
         return result
 
     def predict(self, x: Any, *, batch_size: int = 256) -> torch.Tensor:
-        """Logits of the model on ``x`` (eval mode, no gradients), on the CPU."""
+        """Logits of the model on ``x`` (eval mode, no gradients), on the CPU.
+
+        For a language model ``(N, T, V)``; with batches padded to different lengths,
+        ``T`` is the longest and the positions beyond a batch's length are NaN."""
         loader = make_loader(x, None, batch_size=batch_size, shuffle=False) if not isinstance(x, tuple) else self._eval_loader(x, batch_size=batch_size)
         was_training = self.model.training
         self.model.eval()
@@ -1188,6 +1197,10 @@ class Trainer:
             for batch in loader:
                 outs.append(self.forward(self.model, batch.to(self.device).inputs).cpu())
         self.model.train(was_training)
+        if outs and outs[0].dim() > 2 and len({o.shape[1] for o in outs}) > 1:
+            # sequences padded per batch: NaN beyond each batch's length (no logits there)
+            longest = max(o.shape[1] for o in outs)
+            outs = [nn.functional.pad(o, (0, 0, 0, longest - o.shape[1]), value=float("nan")) for o in outs]
         return torch.cat(outs)
 
 
@@ -1479,7 +1492,7 @@ class Distiller(Trainer):
         if len(terms) > 2:
             logs.update({k: v.detach() for k, v in terms.items()})
         if self.metrics or type(self).compute_metrics is not Trainer.compute_metrics:
-            logs.update(self.compute_metrics(student_out.logits.detach(), batch))
+            logs.update(self.compute_metrics(full_student.detach(), batch))  # as evaluate sees the student
         # one read of every log (one device sync): a NaN/inf term stops training before the optimizer step
         values = self._read_step_logs(logs, terms)
         if distill.nonnegative and values["distillation_loss"] < 0:  # (beyond rounding: check_divergence says)

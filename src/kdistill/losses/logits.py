@@ -149,6 +149,7 @@ class KDLoss(DistillationLoss):
             teacher.logits,
             self.temperature,
             temperature_squared=self.temperature_squared,
+            mask=None if batch is None else batch.token_mask,  # tokens: the trained-on positions only
         )
 
     def extra_repr(self) -> str:
@@ -248,8 +249,9 @@ class SoftTargetLoss(DistillationLoss):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> torch.Tensor:
         t = self.temperature
+        mask = None if batch is None else batch.token_mask  # tokens: the trained-on positions only
         if isinstance(self.fn, KLDivergence):
-            return kd_loss(student.logits, teacher.logits, t, temperature_squared=self.temperature_squared)
+            return kd_loss(student.logits, teacher.logits, t, temperature_squared=self.temperature_squared, mask=mask)
         check_same_classes(student.logits, teacher.logits)
         # 1. soften both sides with the same temperature
         log_p_s = F.log_softmax(student.logits.to(compute_dtype(student.logits)) / t, dim=-1)
@@ -275,7 +277,9 @@ class SoftTargetLoss(DistillationLoss):
                     + (f" or per position {per_position}" if len(per_position) > 1 else "")
                     + ". Reduce over the class axis (e.g. .sum(-1)) inside the loss"
                 )
-            value = value.mean()
+            # per token: the mean over the trained-on positions (a scalar is taken as it is)
+            value = masked_mean(value, mask) if mask is not None and tuple(value.shape) == tuple(mask.shape) \
+                else value.mean()
         # 3. Hinton et al.'s T^2 keeps gradient scale independent of T
         return value * (t * t) if self.temperature_squared else value
 
