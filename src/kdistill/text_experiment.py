@@ -38,6 +38,7 @@ from .checkpoint import load_weights
 from .config import ExperimentConfig, config_dict
 from .distiller import Distiller, Trainer
 from .errors import ConfigError
+from .report.text import text_headline_numbers
 from .run.directory import write_run_json
 from .run.fingerprints import fingerprint, stage_settings, step_settings
 from .run.measure import StageClock, training_warnings, write_run_report
@@ -260,11 +261,7 @@ def measure_text(ctx: StageContext, data: TextData, models: dict[str, nn.Module]
         out[name] = {**scores, "parameters": count_parameters(model), "size_bytes": size_on_disk(model),
                      "generate_tokens_per_second": speed, "train_seconds": results[name]["seconds"],
                      "reused": results[name]["reused"]}
-    gain = recovered = None
-    if "scratch" in out:
-        ls, ld, lt = (out[k]["held_out_loss"] for k in ("scratch", "distil", "teacher"))
-        gain = out["scratch"]["perplexity"] - out["distil"]["perplexity"]
-        recovered = (ls - ld) / (ls - lt) if ls > lt else None
+    gain, recovered = text_headline_numbers(out)
     d = cfg.data
     return {
         "task": "text",
