@@ -1,0 +1,149 @@
+"""Language-model runs (`data.text`): the same run directory, stages, resume, stage store and
+report as image runs, on a tiny corpus and tiny random Llama-style models (seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from kdistill.config import validate_config  # noqa: E402
+from kdistill.errors import ConfigError  # noqa: E402
+from kdistill.experiment import run_experiment  # noqa: E402
+
+
+def _lm(width: int, layers: int) -> dict:
+    return {"name": "causal_lm", "architecture": "llama", "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64}
+
+
+def text_config(out, **stages) -> dict:
+    raw = {
+        "name": "tiny-text", "seed": 0, "output_dir": str(out), "threads": 1, "teacher_store": None,
+        "data": {"text": {"corpus": "python_source", "max_bytes": 120_000, "vocab_size": 300, "block_size": 32,
+                          "held_out": 0.1},
+                 "batch_size": 8, "eval_batch_size": 16},
+        "teacher": _lm(32, 2),
+        "student": _lm(16, 1),
+        "stages": {
+            "teacher": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.003}},
+            "scratch": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.003}},
+            "distil": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.003}, "alpha": 0.5, "temperature": 1.0,
+                       "losses": [{"name": "forward_kl"}]},
+        },
+        "checkpoint": {"every_steps": 10, "every_seconds": None},
+        "report": {"samples": 2, "new_tokens": 6, "repeats": 3},
+    }
+    raw["stages"].update(stages)
+    return raw
+
+
+def _run(raw, logs=None, **kw):
+    return run_experiment(validate_config(raw), verbose=0, log=(logs.append if logs is not None else lambda m: None),
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text") / "run"
+    raw = text_config(out)
+    return out, raw, _run(raw)
+
+
+def test_a_text_run_measures_every_model_on_held_out_text(finished):
+    out, _, m = finished
+    assert m["task"] == "text" and m["stages"] == ["teacher", "scratch", "distil"]
+    assert m["dataset"]["vocab_size"] == 300 and m["dataset"]["held_out_tokens"] > 0
+    for name, row in m["models"].items():
+        assert math.isclose(row["perplexity"], math.exp(row["held_out_loss"]), rel_tol=1e-9)
+        assert row["perplexity"] < 300  # better than uniform over the vocabulary: every model learnt
+        assert 0 < row["token_accuracy"] < 1 and row["generate_tokens_per_second"] > 0
+        assert len(m["samples"][name]) == 2 and all(s["completion"] for s in m["samples"][name])
+    assert m["models"]["teacher"]["parameters"] > m["models"]["distil"]["parameters"] == \
+        m["models"]["scratch"]["parameters"]
+    assert 0 <= m["models"]["distil"]["agreement_with_teacher"] <= 1
+    ls, ld, lt = (m["models"][k]["held_out_loss"] for k in ("scratch", "distil", "teacher"))
+    assert math.isclose(m["perplexity_gain"], math.exp(ls) - math.exp(ld), rel_tol=1e-9)
+    if ls > lt:
+        assert math.isclose(m["loss_gap_recovered"], (ls - ld) / (ls - lt), rel_tol=1e-9)
+    for f in ("report.md", "report.html", "metrics.json", "config.yaml", "tokenizer/tokenizer.json"):
+        assert (out / f).is_file(), f
+    assert "perplexity" in (out / "report.md").read_text().lower()
+    hist = m["histories"]["distil"]["history"]
+    assert "distillation_loss" in hist and len(hist["val_loss"]) == 1
+
+
+def test_a_finished_text_run_is_not_trained_again(finished):
+    out, raw, m = finished
+    logs: list[str] = []
+    again = _run(raw, logs)
+    assert any("already holds this finished run" in line for line in logs)
+    assert again["models"]["distil"]["held_out_loss"] == m["models"]["distil"]["held_out_loss"]
+
+
+def test_a_text_run_killed_mid_distillation_ends_as_an_uninterrupted_one(finished, tmp_path):
+    out, raw, reference = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    raw = {**raw, "output_dir": str(copy)}
+    # as if killed in the distil stage: its last.pt stays (a mid-epoch state), done.json and the metrics are gone
+    sdir = copy / "stages" / "distil"
+    (sdir / "done.json").unlink()
+    (copy / "metrics.json").unlink()
+    state = torch.load(sdir / "last.pt", weights_only=True)
+    assert state["global_step"] > 0
+    run_json = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**run_json, "status": "running"}))
+    logs: list[str] = []
+    again = _run(raw, logs)
+    assert any("[distil] resuming" in line for line in logs)
+    assert any("[teacher] reusing" in line or "[teacher] finished" in line for line in logs) or \
+        not any("[teacher] training" in line for line in logs)
+    for k in ("teacher", "scratch", "distil"):
+        assert again["models"][k]["held_out_loss"] == reference["models"][k]["held_out_loss"]
+
+
+def test_teacher_and_student_vocabularies_must_agree_before_training(tmp_path):
+    raw = text_config(tmp_path / "v")
+    raw["student"] = {**raw["student"], "vocab_size": 320}  # a padded head: the tokenizer has 300
+    with pytest.raises(ConfigError, match=r"320 entries and the teacher's 300.*vocab_size: 300"):
+        _run(raw)
+    assert not (tmp_path / "v" / "stages" / "teacher" / "done.json").exists()  # refused before any training
+
+
+def test_a_padded_student_head_distils_with_vocab_size(tmp_path):
+    raw = text_config(tmp_path / "p", distil={"epochs": 1, "alpha": 0.5, "temperature": 1.0, "vocab_size": 300,
+                                               "losses": [{"name": "forward_kl"}]})
+    raw["student"] = {**raw["student"], "vocab_size": 320}
+    raw["stages"]["scratch"] = {"enabled": False}
+    m = _run(raw)
+    assert m["models"]["distil"]["perplexity"] < 320
+
+
+def test_a_saved_teacher_is_used_as_it_is(tmp_path, finished):
+    from kdistill.models.causal_lm import causal_lm
+
+    saved = tmp_path / "teacher"
+    causal_lm("llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).save_pretrained(saved)
+    raw = text_config(tmp_path / "s", teacher={"epochs": 0})
+    raw["teacher"] = {"name": "causal_lm", "path": str(saved)}
+    raw["stages"]["scratch"] = {"enabled": False}
+    logs: list[str] = []
+    m = _run(raw, logs)
+    assert not any("[teacher] training" in line for line in logs)
+    assert m["models"]["teacher"]["train_seconds"] == 0.0
+    assert m["models"]["teacher"]["perplexity"] > 100  # random weights, used as they are
+
+
+def test_a_missing_model_directory_is_refused_naming_it(tmp_path):
+    raw = text_config(tmp_path / "m", teacher={"epochs": 0})
+    raw["teacher"] = {"name": "causal_lm", "path": str(tmp_path / "nowhere")}
+    with pytest.raises(FileNotFoundError, match="nowhere.*never downloads"):
+        _run(raw)
