@@ -28,6 +28,10 @@ class DatasetNotFoundError(KDistillError, FileNotFoundError):
     """A dataset's files are in none of the places kdistill looked."""
 
 
+class ModelNotFoundError(KDistillError, FileNotFoundError):
+    """A model (or tokenizer) directory that is not on this machine; kdistill never downloads."""
+
+
 class ModelInputError(KDistillError, ValueError):
     """A model rejected the inputs it was given (wrong shape, channels or dtype)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import os
 import sys
 import textwrap
 from typing import Sequence
@@ -82,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for usage errors, 1 for failures;
     ``kdistill config validate``: 2 for an invalid config)."""
     args = build_parser().parse_args(argv)
+    # kdistill never downloads: Hugging Face libraries stay offline unless the user says otherwise
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config.split_overrides(args)  # a config file written after --set goes back to its argument
         return int(args.run(args) or 0)

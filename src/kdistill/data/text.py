@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import MissingExtraError
+from ..errors import DatasetNotFoundError, MissingExtraError, ModelNotFoundError
 from ..outputs import IGNORE_INDEX, Batch, next_token_targets
 from .loader import batch_rows
 
@@ -400,7 +400,7 @@ def pack_texts(texts: Iterable[str], tokenizer: Any, block_size: int, *, add_eos
 def _read_utf8(path: Path) -> str:
     if not path.is_file():
         where = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"text file {path} {where}: give the paths of UTF-8 text files")
+        raise DatasetNotFoundError(f"text file {path} {where}: give the paths of UTF-8 text files")
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
@@ -693,15 +693,15 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no tokenizer folder at {path}; {_NEVER_DOWNLOADS}")
+        raise ModelNotFoundError(f"no tokenizer folder at {path}; {_NEVER_DOWNLOADS}")
     known = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
     if not any((path / name).is_file() for name in known):
-        raise FileNotFoundError(f"{path} holds no tokenizer files (looked for {', '.join(known)}); {_NEVER_DOWNLOADS}")
+        raise ModelNotFoundError(f"{path} holds no tokenizer files (looked for {', '.join(known)}); {_NEVER_DOWNLOADS}")
     transformers = _require("transformers")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load a tokenizer from {path}: {e}; {_NEVER_DOWNLOADS}") from e
+        raise ModelNotFoundError(f"could not load a tokenizer from {path}: {e}; {_NEVER_DOWNLOADS}") from e
 
 
 # --------------------------------------------------------------------------------------
@@ -735,7 +735,7 @@ def python_source_corpus(*, max_files: int | None = None, max_bytes: int | None 
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise FileNotFoundError(f"the Python standard library is not at {root} (sysconfig's 'stdlib' path)")
+        raise DatasetNotFoundError(f"the Python standard library is not at {root} (sysconfig's 'stdlib' path)")
     names = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]

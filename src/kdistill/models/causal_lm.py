@@ -25,6 +25,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import MissingExtraError, ModelNotFoundError
+
 TEXT_EXTRA = 'pip install "kdistill[text]"'
 
 
@@ -33,7 +35,7 @@ def require_transformers():
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - the extra is installed in the tests
-        raise ImportError(f"language models need the transformers library: {TEXT_EXTRA}") from e
+        raise MissingExtraError(f"language models need the transformers library: {TEXT_EXTRA}") from e
     return transformers
 
 
@@ -48,13 +50,14 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: Any = None, **kwargs: Any)
         **kwargs: passed to ``from_pretrained`` (e.g. ``attn_implementation``).
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory holding a model's ``config.json``.
+        ModelNotFoundError: ``path`` is not a directory holding a model's ``config.json``
+            (a ``FileNotFoundError``).
     """
     transformers = require_transformers()
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json"
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"no causal language model at {folder} (the folder {what}). kdistill never downloads models: "
             "give the directory a model was saved to (model.save_pretrained(path)), or a snapshot you "
             "downloaded beforehand (huggingface-cli download NAME --local-dir PATH)")
