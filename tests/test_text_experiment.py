@@ -147,3 +147,22 @@ def test_a_missing_model_directory_is_refused_naming_it(tmp_path):
     raw["teacher"] = {"name": "causal_lm", "path": str(tmp_path / "nowhere")}
     with pytest.raises(FileNotFoundError, match="nowhere.*never downloads"):
         _run(raw)
+
+
+def test_the_distilled_student_exports_as_a_hugging_face_directory(finished, tmp_path):
+    from kdistill.cli import main
+    from kdistill.experiment import load_stage_model
+    from kdistill.models.causal_lm import load_causal_lm
+
+    out, _, m = finished
+    target = tmp_path / "student_hf"
+    assert main(["export", str(out), "--format", "hf", "--out", str(target)]) == 0
+    loaded = load_causal_lm(target)
+    trained = load_stage_model(out, "distil")
+    for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (target / "tokenizer.json").is_file()
+    record = json.loads((out / "export.json").read_text())["distil/hf"]
+    assert record["parity"]["max_abs_diff"] == 0.0 and record["parity"]["argmax_agreement"] == 1.0
+    # an image format is refused for a language model, and the reverse
+    assert main(["export", str(out), "--format", "onnx"]) == 1

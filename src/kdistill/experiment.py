@@ -610,17 +610,23 @@ def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSp
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     ckpt = run_dir / "stages" / stage / "checkpoint.pt"
-    if not (run_dir / "stages" / stage / "done.json").is_file() and not (stage == "teacher" and config.teacher.checkpoint):
+    given = config.teacher.checkpoint or config.teacher.kwargs.get("path")  # a teacher used as it was given
+    if not (run_dir / "stages" / stage / "done.json").is_file() and not (stage == "teacher" and given):
         raise RunDirectoryError(f"stage '{stage}' of {run_dir} has not finished (no done.json); finish the run first "
                                 f"(`kdistill run --resume {run_dir}`)")
     if stage == "assistant" and config.stages.assistant is None:
         raise RunDirectoryError(f"{run_dir} has no assistant stage (its config sets no stages.assistant)")
-    data = data if data is not None else load_data(config)
-    spec = {"teacher": config.teacher, "assistant": config.stages.assistant and config.stages.assistant.model
-            }.get(stage, config.student)
-    model = build_model(spec, data)
-    if stage == "teacher" and config.teacher.checkpoint and not ckpt.is_file():
-        load_weights(config.teacher.checkpoint, model)  # used as it was given (stages.teacher.epochs: 0)
+    if config.data.text is not None:  # a language-model run: its models are built for its tokenizer
+        from .text_experiment import build_stage_lm
+
+        model = build_stage_lm(run_dir, config, stage)
+    else:
+        data = data if data is not None else load_data(config)
+        model = build_model({"teacher": config.teacher, "assistant": config.stages.assistant and
+                             config.stages.assistant.model}.get(stage, config.student), data)
+    if stage == "teacher" and given and not ckpt.is_file():
+        if config.teacher.checkpoint:  # used as it was given (stages.teacher.epochs: 0)
+            load_weights(config.teacher.checkpoint, model)
     else:
         done_path = ckpt.parent / "done.json"
         if done_path.is_file():

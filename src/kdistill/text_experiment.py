@@ -393,3 +393,46 @@ def run_text_stages(config: ExperimentConfig, run_dir: Path, device: torch.devic
         write_run_report(run_dir, metrics)
         write_run_json(run_dir, config, "finished", started)
     return distributed.broadcast_object(metrics)
+
+
+# --------------------------------------------------------------------------- reading runs
+def run_tokenizer(run_dir: Path, config: ExperimentConfig):
+    """The tokenizer a language-model run trained its models with."""
+    from .data.text import load_tokenizer
+
+    given = config.data.text.tokenizer
+    return load_tokenizer(given if given is not None else Path(run_dir) / "tokenizer")
+
+
+def build_stage_lm(run_dir: Path, config: ExperimentConfig, stage: str) -> nn.Module:
+    """A language-model run's ``stage`` model, built (random weights) for its tokenizer."""
+    spec = config.teacher if stage == "teacher" else config.student
+    return build_lm(spec, len(run_tokenizer(run_dir, config)))
+
+
+def export_hf(model: nn.Module, tokenizer: Any, data: Any, out: Path, *, samples: int = 64,
+              batch_size: int = 16) -> dict:
+    """Save a language model as a Hugging Face model directory (``save_pretrained``, the
+    tokenizer beside it), load it back and compare its logits with the model's on held-out
+    sequences: ``{"max_abs_diff", "argmax_agreement", "sequences"}``."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # whole, or not at all
+    from .models.causal_lm import load_causal_lm
+
+    loaded = load_causal_lm(out).eval()
+    model.eval()
+    diff, agree, total = 0.0, 0, 0
+    held = data.select(range(min(samples, len(data))))
+    with torch.inference_mode():
+        for batch in held.loader(batch_size):
+            a = Trainer(model, device="cpu").forward(model, batch.inputs)
+            b = Trainer(loaded, device="cpu").forward(loaded, batch.inputs)
+            mask = batch.token_mask
+            diff = max(diff, float((a - b).abs()[mask].max()))
+            agree += int((a.argmax(-1) == b.argmax(-1))[mask].sum())
+            total += int(mask.sum())
+    return {"max_abs_diff": diff, "argmax_agreement": agree / max(total, 1), "sequences": len(held)}

@@ -1,5 +1,9 @@
-"""``kdistill export RUN_DIR --format onnx|pt2|torchscript [--int8]``: the distilled student
+"""``kdistill export RUN_DIR --format onnx|pt2|torchscript|hf [--int8]``: the distilled student
 alone (no teacher, no adapters, no loss modules) in the format it will be deployed in.
+
+A language-model run's models export with ``--format hf``: a Hugging Face model directory
+(``save_pretrained``, with the run's tokenizer), loaded back and compared with the
+PyTorch model on held-out sequences.
 
 The export is checked against PyTorch on held-out test inputs: the largest absolute
 difference of the logits is reported and the command fails above ``--atol``. With
@@ -20,7 +24,7 @@ import torch
 from ..atomic import atomic_write_text
 from ..errors import KDistillError
 
-SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt", "hf": "_hf"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", choices=sorted(SUFFIX), default="onnx",
-                   help="file format: onnx (ONNX Runtime), pt2 (torch.export), torchscript (deprecated upstream)")
+                   help="file format: onnx (ONNX Runtime), pt2 (torch.export), torchscript (deprecated upstream); "
+                        "hf (a Hugging Face model directory, for language-model runs)")
     p.add_argument("--int8", action="store_true", help="also write an int8-quantized model and report its accuracy change")
     p.add_argument("--stage", default="distil", choices=["distil", "scratch", "teacher"],
                    help="which model of the run to export")
@@ -46,6 +51,14 @@ def run(args: argparse.Namespace) -> int:
                           require_extra)
 
     # 1. set up: the model and held-out data
+    config = read_run_config(Path(args.run_dir))
+    if (config.data.text is not None) != (args.format == "hf"):
+        raise KDistillError(
+            "a language-model run exports with --format hf (a Hugging Face model directory)"
+            if config.data.text is not None else
+            "--format hf is for language-model runs (data.text); export this run with onnx, pt2 or torchscript")
+    if args.format == "hf":
+        return _export_hf(args, config)
     if args.int8 and args.format == "pt2":
         raise KDistillError("--int8 quantizes ONNX (static, calibrated) and TorchScript files; for a .pt2 export "
                             "leave --int8 out, or export --format onnx --int8")
@@ -88,5 +101,34 @@ def run(args: argparse.Namespace) -> int:
     record = run_dir / "export.json"
     previous = json.loads(record.read_text()) if record.is_file() else {}
     previous[f"{args.stage}/{args.format}"] = result
+    atomic_write_text(record, json.dumps(previous, indent=1))
+    return 0
+
+
+def _export_hf(args: argparse.Namespace, config) -> int:
+    """A language-model run's stage as a Hugging Face model directory, checked after loading back."""
+    from ..experiment import load_stage_model
+    from ..text_experiment import export_hf, load_text_data, run_tokenizer
+
+    if args.int8:
+        raise KDistillError("--int8 is for onnx and torchscript exports; a Hugging Face directory keeps the weights "
+                            "as trained")
+    run_dir = Path(args.run_dir)
+    model = load_stage_model(run_dir, args.stage)
+    name = "student" if args.stage == "distil" else args.stage
+    out = Path(args.out) if args.out else run_dir / f"{name}_hf"
+    data = load_text_data(config, run_dir)
+    parity = export_hf(model, run_tokenizer(run_dir, config), data.held_out, out, samples=min(args.samples, 256))
+    if parity["max_abs_diff"] > args.atol:
+        raise KDistillError(f"the model loaded back from {out} differs from the trained one by "
+                            f"{parity['max_abs_diff']:.2e} > --atol {args.atol:g}")
+    result = {"stage": args.stage, "format": "hf", "path": str(out),
+              "size_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()), "parity": parity}
+    print(f"exported the {'distilled student' if args.stage == 'distil' else args.stage} to {out}/ "
+          f"({result['size_bytes']:,} bytes with its tokenizer); loaded back, max |difference| = "
+          f"{parity['max_abs_diff']:.2e} on {parity['sequences']} held-out sequences")
+    record = run_dir / "export.json"
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    previous[f"{args.stage}/hf"] = result
     atomic_write_text(record, json.dumps(previous, indent=1))
     return 0
