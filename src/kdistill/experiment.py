@@ -70,7 +70,7 @@ from .losses.base import DistillationLoss, WeightedSum
 from .run.directory import (lock_run_dir, prepare_run_dir, read_json, read_run_config, remove_stale_temp_files,
                             tee, verify_stage_checkpoint, write_run_json)
 from .run.fingerprints import data_fingerprint, fingerprint, stage_settings, step_settings
-from .run.measure import StageClock, measure, training_warnings, write_run_report
+from .run.measure import StageClock, finish_run, measure
 from .run.store import StageContext, default_store, run_stage
 from .runtime import get_device, seed_everything, set_threads
 
@@ -581,13 +581,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
                   **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
         with stage_clock("measure"):
             metrics = measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
-        metrics["timing"] = {"wall_seconds": time.time() - started, "stages": stage_clock.seconds}
-        metrics["warnings"] = training_warnings(metrics)
-        for warning in metrics["warnings"]:
-            log(f"warning: {warning}")
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-        write_run_report(run_dir, metrics)
-        write_run_json(run_dir, config, "finished", started)
+        finish_run(run_dir, config, metrics, stage_clock, started, log)
     return distributed.broadcast_object(metrics)
 
 

@@ -32,16 +32,14 @@ import torch
 from torch import nn
 
 from . import __version__, distributed
-from .atomic import atomic_write_text
 from .bench import count_parameters, size_on_disk
 from .checkpoint import load_weights
 from .config import ExperimentConfig, config_dict
 from .distiller import Distiller, Trainer
 from .errors import ConfigError
 from .report.text import text_headline_numbers
-from .run.directory import write_run_json
 from .run.fingerprints import fingerprint, stage_settings, step_settings
-from .run.measure import StageClock, training_warnings, write_run_report
+from .run.measure import StageClock, finish_run
 from .run.store import StageContext, run_stage
 from .runtime import machine_description, seed_everything
 
@@ -385,13 +383,7 @@ def run_text_stages(config: ExperimentConfig, run_dir: Path, device: torch.devic
         models = {"teacher": teacher, **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
         with stage_clock("measure"):
             metrics = measure_text(ctx, data, models, results)
-        metrics["timing"] = {"wall_seconds": time.time() - started, "stages": stage_clock.seconds}
-        metrics["warnings"] = training_warnings(metrics)
-        for warning in metrics["warnings"]:
-            log(f"warning: {warning}")
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-        write_run_report(run_dir, metrics)
-        write_run_json(run_dir, config, "finished", started)
+        finish_run(run_dir, config, metrics, stage_clock, started, log)
     return distributed.broadcast_object(metrics)
 
 

@@ -97,12 +97,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"int8: {int8_path} ({int8_path.stat().st_size:,} bytes, {out.stat().st_size / int8_path.stat().st_size:.1f}x "
               f"smaller); test accuracy {100 * acc8:.2f}% vs {100 * result['test_accuracy_exported']:.2f}% float "
               f"({result['int8']['accuracy_change_points']:+.2f} points)")
-    # one entry per format and stage: exporting ONNX then TorchScript keeps both
+    _record(run_dir, f"{args.stage}/{args.format}", result)
+    return 0
+
+
+def _record(run_dir: Path, key: str, result: dict) -> None:
+    """Add ``result`` to ``RUN_DIR/export.json`` under ``key``: one entry per format and stage
+    (exporting ONNX then TorchScript keeps both)."""
     record = run_dir / "export.json"
     previous = json.loads(record.read_text()) if record.is_file() else {}
-    previous[f"{args.stage}/{args.format}"] = result
+    previous[key] = result
     atomic_write_text(record, json.dumps(previous, indent=1))
-    return 0
 
 
 def _export_hf(args: argparse.Namespace, config) -> int:
@@ -127,8 +132,5 @@ def _export_hf(args: argparse.Namespace, config) -> int:
     print(f"exported the {'distilled student' if args.stage == 'distil' else args.stage} to {out}/ "
           f"({result['size_bytes']:,} bytes with its tokenizer); loaded back, max |difference| = "
           f"{parity['max_abs_diff']:.2e} on {parity['sequences']} held-out sequences")
-    record = run_dir / "export.json"
-    previous = json.loads(record.read_text()) if record.is_file() else {}
-    previous[f"{args.stage}/hf"] = result
-    atomic_write_text(record, json.dumps(previous, indent=1))
+    _record(run_dir, f"{args.stage}/hf", result)
     return 0

@@ -8,6 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from ..distiller import Trainer
 from ..report.content import stage_label
 from ..report.numbers import headline_numbers
 from ..runtime import machine_description
+from .directory import write_run_json
 from .store import StageContext
 
 
@@ -110,6 +112,20 @@ def measure(ctx: StageContext, models: dict[str, nn.Module], results: dict[str, 
         "fingerprints": {k: r["fingerprint"] for k, r in results.items()},
         "machine": machine_description(),
     }
+
+
+def finish_run(run_dir: Path, config, metrics: dict, stage_clock: StageClock, started: float,
+               log: Callable[[str], None]) -> None:
+    """The end of every run (rank 0): timing and warnings into ``metrics``, then
+    ``metrics.json``, the report, and ``run.json`` marked finished, in that order (a run
+    killed before the last write is continued, and finds its stages done)."""
+    metrics["timing"] = {"wall_seconds": time.time() - started, "stages": stage_clock.seconds}
+    metrics["warnings"] = training_warnings(metrics)
+    for warning in metrics["warnings"]:
+        log(f"warning: {warning}")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_run_report(run_dir, metrics)
+    write_run_json(run_dir, config, "finished", started)
 
 
 def write_run_report(run_dir: Path, metrics: dict) -> dict[str, Path]:
