@@ -79,6 +79,17 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool = False, generator: tor
         yield rows
 
 
+def count_batches(n: int, batch_size: int, *, drop_last: bool = False, shard: tuple[int, int] | None = None,
+                  pad: bool = True) -> int:
+    """How many batches :func:`batch_rows` gives for ``n`` samples (this process's, with ``shard``)."""
+    if shard is not None:
+        if pad:
+            n += -n % shard[1]
+        elif not drop_last:  # batches where this process gets no sample are skipped
+            return sum(1 for _ in batch_rows(n, batch_size, shard=shard, pad=False))
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 class ArrayLoader:
     """Batches of in-memory tensors by index slicing.
 
@@ -138,13 +149,8 @@ class ArrayLoader:
         return int(self.inputs.shape[0])
 
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        if self.shard is not None:
-            if self.pad:
-                n += -n % self.shard[1]
-            elif not self.drop_last:  # batches where this process gets no sample are skipped
-                return sum(1 for _ in batch_rows(n, b, shard=self.shard, pad=False))
-        return n // b if self.drop_last else -(-n // b)
+        return count_batches(self.num_samples, self.batch_size, drop_last=self.drop_last, shard=self.shard,
+                             pad=self.pad)
 
     def __iter__(self) -> Iterator[Batch]:
         n, b = self.num_samples, self.batch_size

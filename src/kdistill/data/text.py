@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DatasetNotFoundError, MissingExtraError, ModelNotFoundError
 from ..outputs import IGNORE_INDEX, Batch, next_token_targets
-from .loader import batch_rows
+from .loader import batch_rows, count_batches
 
 __all__ = [
     "TokenDataset",
@@ -295,13 +295,8 @@ class TokenLoader:
         return len(self.dataset)
 
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        if self.shard is not None:
-            if self.pad:
-                n += -n % self.shard[1]
-            elif not self.drop_last:  # batches where this process gets no sequence are skipped
-                return sum(1 for _ in batch_rows(n, b, shard=self.shard, pad=False))
-        return n // b if self.drop_last else -(-n // b)
+        return count_batches(self.num_samples, self.batch_size, drop_last=self.drop_last, shard=self.shard,
+                             pad=self.pad)
 
     def __iter__(self) -> Iterator[Batch]:
         for rows in batch_rows(self.num_samples, self.batch_size, shuffle=self.shuffle, generator=self.generator,
