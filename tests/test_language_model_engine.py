@@ -185,6 +185,16 @@ def test_an_epochs_training_log_is_the_mean_over_its_tokens():
     assert history.history["loss"][0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_progress_line_counts_trained_on_tokens_per_second(capsys):
+    model = llama()
+    rows = hf_rows(lengths=[8, 2, 6, 3], prompt=1)
+    trainer = Trainer(model, device="cpu").compile(torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer.fit(TokenRows(rows), epochs=1, batch_size=2, shuffle=False, verbose=2)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("tokens/s") and "samples/s" not in line
+    assert trainer._last_batch_tokens == int((next_token_targets(rows["labels"][2:]) >= 0).sum())
+
+
 def test_a_target_beyond_the_vocabulary_is_refused_naming_both():
     model = llama()
     rows = hf_rows(**ROWS)

@@ -102,26 +102,30 @@ class ProgressBar(Callback):
             )
 
     def on_train_batch_end(self, step: int, logs: dict | None = None) -> None:
-        self._seen += getattr(self.trainer, "_last_batch_size", 0)
+        # a language model's speed is in trained-on tokens, a classifier's in samples
+        tokens = getattr(self.trainer, "_last_batch_tokens", 0)
+        self._unit = "tokens/s" if tokens else "samples/s"
+        self._seen += tokens or getattr(self.trainer, "_last_batch_size", 0)
         if self._bar is not None:
             self._bar.update(1)
             if self._bar.n == 1 or step % 10 == 0:
                 rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
                 post = {k: _fmt(v) for k, v in (logs or {}).items()}
-                post["samples/s"] = f"{rate:.0f}"
+                post[self._unit] = f"{rate:.0f}"
                 self._bar.set_postfix(post, refresh=False)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         rate = self._seen / max(time.perf_counter() - self._start, 1e-9)
+        unit = getattr(self, "_unit", "samples/s")
         if self._bar is not None:
             post = {k: _fmt(v) for k, v in (logs or {}).items()}
-            post["samples/s"] = f"{rate:.0f}"
+            post[unit] = f"{rate:.0f}"
             self._bar.set_postfix(post, refresh=True)
             self._bar.close()
             self._bar = None
         elif self.verbose == 2:
             body = " - ".join(f"{k}: {_fmt(v)}" for k, v in (logs or {}).items())
-            print(f"epoch {epoch + 1}/{self._epochs} - {body} - {rate:.0f} samples/s", flush=True)
+            print(f"epoch {epoch + 1}/{self._epochs} - {body} - {rate:.0f} {unit}", flush=True)
 
 
 def _history_rows(trainer: Any) -> list[dict]:

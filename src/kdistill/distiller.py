@@ -956,11 +956,13 @@ class Trainer:
             shares = self._shares_across_processes(group, shares)
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
-        self._last_batch_size = 0
+        self._last_batch_size = self._last_batch_tokens = 0
         try:
             for i, (batch, (samples, labelled)) in enumerate(zip(group, shares)):
                 last = i == n - 1
                 self._micro = _WHOLE if shares is _WHOLE_SHARES else _MicroStep(i == 0, last, samples, labelled)
+                if batch.is_tokens:  # counted where the loader made it (the CPU): no device synchronisation
+                    self._last_batch_tokens += batch.items()
                 batch = self._augment_batch(batch.to(self.device))
                 self._last_batch_size += len(batch)
                 self._step_values = None
