@@ -24,6 +24,7 @@ from kdistill.losses import (
     generalized_jsd_loss,
     js_divergence_loss,
     kd_loss,
+    reverse_kl_loss,
     skew_kl_loss,
     token_kl_loss,
     total_variation_loss,
@@ -168,6 +169,8 @@ def test_forward_kl_is_kd_loss_and_gjsd_half_is_jensen_shannon():
     assert token_kl_loss(zs, zt, 2.0, mask=mask).item() == pytest.approx(kd_loss(zs, zt, 2.0, mask=mask).item(), rel=1e-12)
     assert generalized_jsd_loss(zs, zt, 0.5, 2.0, mask=mask).item() == pytest.approx(
         js_divergence_loss(zs, zt, 2.0, mask=mask).item(), rel=1e-12)
+    assert token_kl_loss(zs, zt, 2.0, direction="reverse", mask=mask).item() == pytest.approx(
+        reverse_kl_loss(zs, zt, 2.0, mask=mask).item(), rel=1e-12)
     # the ends of the generalized JSD are the two KLs
     assert generalized_jsd_loss(zs, zt, 0.0).item() == pytest.approx(token_kl_loss(zs, zt).item(), rel=1e-12)
     assert generalized_jsd_loss(zs, zt, 1.0).item() == pytest.approx(
