@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import make_adapter
 from ..outputs import Batch, Outputs
 from .base import DistillationLoss, check_same_batch, check_weight, compute_dtype
 
@@ -377,7 +378,10 @@ class HiddenStateLoss(DistillationLoss):
                 "with projection=False: allow a learned projection (projection=None or True), or pair layers "
                 "of equal width")
         dtype = compute_dtype(s)
-        self.projection = nn.Linear(ds, dt).to(device=s.device, dtype=dtype) if project else nn.Identity()
+        # the adapters' owner builds it ((B, T, Ds) -> (B, T, Dt): a Linear on the last axis); equal widths
+        # with projection=True still get a learned one
+        adapter = make_adapter(s.shape, t.shape) if ds != dt else nn.Linear(ds, dt) if project else nn.Identity()
+        self.projection = adapter.to(device=s.device, dtype=dtype)
         self._widths = widths
 
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> torch.Tensor:
