@@ -623,3 +623,26 @@ def test_label_loss_weight_weighs_the_terms_independently():
     assert "student_loss_weight" not in inspect.signature(Distiller.compile).parameters
     with pytest.raises(TypeError, match="student_loss_weight"):
         d.compile("adam", student_loss_weight=0.5)
+
+
+def test_alpha_zero_logs_the_label_loss_without_training_on_it():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    teacher = nn.Linear(6, 3)
+    grads = {}
+    for alpha in (0.0, None):
+        student = nn.Linear(6, 3)
+        torch.nn.init.constant_(student.weight, 0.1)
+        torch.nn.init.zeros_(student.bias)
+        d = Distiller(student, teacher, device="cpu")
+        if alpha is None:  # the reference: the distillation loss alone, by hand
+            loss = kd_loss(student(x), teacher(x).detach(), 2.0)
+            loss.backward()
+            grads[alpha] = student.weight.grad.clone()
+            continue
+        d.compile(torch.optim.SGD(student.parameters(), lr=0.0), alpha=alpha,
+                  distillation_loss_fn=KDLoss(2.0))
+        logs = d.train_step(Batch(x, y))
+        assert float(logs["student_loss"]) > 0  # logged
+        grads[alpha] = student.weight.grad.clone()
+    assert torch.allclose(grads[0.0], grads[None], atol=1e-7)

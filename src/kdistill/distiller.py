@@ -1463,6 +1463,9 @@ class Distiller(Trainer):
         # 3. the two loss terms; unlabelled samples add only the distillation term
         if batch.targets is None:  # unlabelled data only: distillation alone
             student_loss = full_student.new_zeros(())
+        elif (self.alpha if self.label_loss_weight is None else self.label_loss_weight) == 0.0:
+            with torch.no_grad():  # weighted 0: logged, never back-propagated (GKD-style distillation alone)
+                student_loss, _ = self.supervised_loss(full_student, batch)
         else:
             student_loss, _ = self.supervised_loss(full_student, batch)
         # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
