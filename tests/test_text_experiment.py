@@ -166,3 +166,14 @@ def test_the_distilled_student_exports_as_a_hugging_face_directory(finished, tmp
     assert record["parity"]["max_abs_diff"] == 0.0 and record["parity"]["argmax_agreement"] == 1.0
     # an image format is refused for a language model, and the reverse
     assert main(["export", str(out), "--format", "onnx"]) == 1
+
+
+def test_kdistill_run_ends_with_the_perplexity_table(finished, capsys):
+    from kdistill.cli.run import print_summary
+
+    out, _, m = finished
+    print_summary(m, out)
+    printed = capsys.readouterr().out
+    assert "| distilled |" in printed and "n/a" not in printed
+    assert f"{m['models']['distil']['perplexity']:,.2f}" in printed
+    assert f"{m['perplexity_gain']:+.2f}" in printed

@@ -40,6 +40,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def print_summary(metrics: dict, run_dir: Path) -> None:
     print()
+    if metrics.get("task") == "text":  # a language-model run: perplexities
+        from ..report.text import text_model_table
+
+        print(text_model_table(metrics))
+        if metrics.get("perplexity_gain") is not None:
+            rec = metrics.get("loss_gap_recovered")
+            rec_text = "" if rec is None else f"; {100 * rec:.0f}% of the teacher-scratch gap in held-out loss recovered"
+            print(f"\nheld-out perplexity, scratch - distilled: {metrics['perplexity_gain']:+.2f}{rec_text}")
+        print(f"report: {run_dir / 'report.html'} and {run_dir / 'report.md'}")
+        return
     print(comparison_table({stage_label(k): v for k, v in metrics["models"].items()}))
     if metrics.get("distillation_gain_points") is not None:
         rec = metrics.get("accuracy_recovered")

@@ -337,6 +337,18 @@ def _fence(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+def text_model_table(metrics: Mapping[str, Any]) -> str:
+    """The per-model table of a language-model run, in Markdown (the report's and the
+    one ``kdistill run`` prints at the end)."""
+    lines = ["| model | held-out loss | perplexity | next-token top-1 | top-1 agreement with teacher "
+             "| parameters | size on disk | generation b=1 (tokens/s, CPU) | training time |",
+             "|" + "---|" * 9]
+    lines += [f"| {r['model']} | {r['loss']} | {r['perplexity']} | {r['accuracy']} | {r['agreement']} "
+              f"| {r['parameters']} | {r['size']} | {r['generation']} | {_md(r['train'])} |"
+              for r in table_rows(metrics)]
+    return "\n".join(lines)
+
+
 def render_text_markdown(
     metrics: Mapping[str, Any],
     figures: Mapping[str, str | os.PathLike],
@@ -364,12 +376,7 @@ def render_text_markdown(
     if note:
         lines += ["", f"**No gain here:** {_md(note)}"]
     lines += [f"\n**Warning:** {_md(w)}." for w in metrics.get("warnings") or []]
-    lines += ["", "| model | held-out loss | perplexity | next-token top-1 | top-1 agreement with teacher "
-                  "| parameters | size on disk | generation b=1 (tokens/s, CPU) | training time |",
-              "|" + "---|" * 9]
-    lines += [f"| {r['model']} | {r['loss']} | {r['perplexity']} | {r['accuracy']} | {r['agreement']} "
-              f"| {r['parameters']} | {r['size']} | {r['generation']} | {_md(r['train'])} |"
-              for r in table_rows(metrics)]
+    lines += ["", text_model_table(metrics)]
     for key, path in figures.items():
         text = _md(caption(key)).replace("[", "(").replace("]", ")")
         lines += ["", f"![{text}]({_link(Path(path), Path(base) if base else None)})", "", f"*{text}*"]
