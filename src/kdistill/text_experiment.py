@@ -147,6 +147,16 @@ def load_tokenizer_or_fail(cfg):
     return load_tokenizer(cfg.tokenizer)
 
 
+def student_blocks(train: Any, subset: int | None, seed: int) -> Any:
+    """The training sequences the students see: all, or ``subset`` of them drawn at random
+    (seeded by the run's seed), kept in corpus order. Random, not the first ``subset``:
+    the corpus is in file order, and its first files are not a sample of the rest."""
+    if subset is None or subset >= len(train):
+        return train
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:subset]
+    return train.select(picked.sort().values)
+
+
 def build_lm(spec, vocab_size: int) -> nn.Module:
     """A causal LM from a model spec: ``name: causal_lm`` (or any builder taking
     ``vocab_size``), or a ``_component_`` returning a model or a ``transformers``
@@ -294,7 +304,7 @@ def run_text_stages(config: ExperimentConfig, run_dir: Path, device: torch.devic
     ctx = StageContext(config, run_dir, store, device, data, data.fingerprint, verbose, log)
     distributed.check_agreement("the data", {"data_fingerprint": ctx.data_fp})
     d, stages = config.data, config.stages
-    students_data = data.train if d.subset is None else data.train.select(range(min(d.subset, len(data.train))))
+    students_data = student_blocks(data.train, d.subset, config.seed)
     log(f"data: {data.name} ({data.source}); {len(data.train)} training sequences of up to {d.text.block_size} "
         f"tokens ({data.train.num_tokens} tokens), students {len(students_data)}; {len(data.held_out)} held out; "
         f"vocabulary {data.vocab_size}; device {device}")

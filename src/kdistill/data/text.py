@@ -703,7 +703,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 # a corpus every machine with Python has
 # --------------------------------------------------------------------------------------
 
-_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__"})
+# tests, an IDE and third-party packages are not the library; "encodings" holds ~100 generated
+# character tables that are near copies of each other (a held-out one would be recalled, not predicted)
+_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__",
+                           "encodings"})
 
 
 def python_source_corpus(*, max_files: int | None = None, max_bytes: int | None = None) -> list[tuple[str, str]]:
@@ -712,7 +715,9 @@ def python_source_corpus(*, max_files: int | None = None, max_bytes: int | None 
     Every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, sorted by relative name
     (``/``-separated), skipping the ``test``, ``tests``, ``idlelib``, ``lib2to3``,
     ``site-packages`` and ``dist-packages`` folders (third-party packages are not part
-    of it) and any file that is not valid UTF-8. Nothing is downloaded: every machine
+    of it), the ``encodings`` folder (generated character tables, near copies of each
+    other: one held out would be recalled from its copies, not predicted) and any file
+    that is not valid UTF-8. Nothing is downloaded: every machine
     with Python has it. The Python standard library is distributed under the PSF License
     (Python Software Foundation License Version 2); keep its notice with anything
     redistributed from it.
