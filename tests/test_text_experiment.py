@@ -177,3 +177,31 @@ def test_kdistill_run_ends_with_the_perplexity_table(finished, capsys):
     assert "| distilled |" in printed and "n/a" not in printed
     assert f"{m['models']['distil']['perplexity']:,.2f}" in printed
     assert f"{m['perplexity_gain']:+.2f}" in printed
+
+
+def test_a_yaml_run_on_jsonl_records_with_a_saved_tokenizer_and_saved_models(tmp_path):
+    """Distilling one saved causal LM into another from a YAML file: JSONL prompt/completion
+    records, the models' tokenizer, both models loaded from directories."""
+    from kdistill.data.text import train_tokenizer
+    from kdistill.models.causal_lm import causal_lm
+
+    records = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i} + {i % 7}\n"} for i in range(120)]
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    tok = train_tokenizer([r["prompt"] + r["completion"] for r in records], vocab_size=300)
+    shape = dict(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for name, width, layers in (("teacher", 32, 2), ("student", 16, 1)):
+        causal_lm("llama", vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers,
+                  **shape).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    raw = text_config(tmp_path / "run", teacher={"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.01}},
+                      scratch={"enabled": False})
+    raw["data"]["text"] = {"jsonl": str(jsonl), "tokenizer": str(tmp_path / "teacher"), "block_size": 32,
+                           "held_out": 0.1}
+    raw["teacher"] = {"name": "causal_lm", "path": str(tmp_path / "teacher")}
+    raw["student"] = {"name": "causal_lm", "path": str(tmp_path / "student")}
+    m = _run(raw)
+    assert m["dataset"]["train_sequences"] + m["dataset"]["held_out_sequences"] == 120
+    # both learnt the completions (uniform over the 300 tokens would be perplexity 300)
+    assert m["models"]["teacher"]["perplexity"] < 100 and m["models"]["distil"]["perplexity"] < 300
+    assert m["models"]["teacher"]["train_seconds"] > 0  # the saved teacher was fine-tuned (epochs: 1)
