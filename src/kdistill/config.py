@@ -215,7 +215,8 @@ def builtin_losses() -> dict[str, str]:
 
 
 class ModelSpec(ComponentSpec):
-    """A model: a builder of :data:`kdistill.models.MODELS` (``name``) or a ``_component_``
+    """A model: a builder of :data:`kdistill.models.MODELS` (``name``; for a language-model
+    run, ``causal_lm`` of :data:`kdistill.models.LANGUAGE_MODELS`) or a ``_component_``
     callable returning an ``nn.Module``; extra keys are its keyword arguments. The runner
     passes ``num_classes``, ``in_channels`` and ``input_size`` to built-in builders (and to a
     ``_component_`` that accepts them). ``checkpoint`` (teacher only): trained weights to
@@ -235,9 +236,10 @@ class ModelSpec(ComponentSpec):
 
     def resolve(self) -> Callable[..., Any]:
         if self.name is not None:
-            from .models import MODELS
+            from .models import LANGUAGE_MODELS, MODELS
 
-            return _builtin("model", self.name, {k: f"kdistill.models.{v.__module__.rpartition('.')[2]}.{v.__name__}" for k, v in MODELS.items()})
+            return _builtin("model", self.name, {k: f"kdistill.models.{v.__module__.rpartition('.')[2]}.{v.__name__}"
+                                                 for k, v in {**MODELS, **LANGUAGE_MODELS}.items()})
         return resolve_callable(self.component)
 
 

@@ -36,8 +36,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg13": vgg13,
     "mobilenetv2": mobilenetv2,
     "shufflenetv2": shufflenetv2,
-    # a Hugging Face causal language model (transformers, the `text` extra): built from a
-    # configuration or loaded from a local directory; language-model runs (data.text) only
+}
+
+#: Language-model builders by name, for language-model runs (``data.text``): a Hugging
+#: Face causal LM (transformers, the ``text`` extra) built from a configuration or loaded
+#: from a local directory.
+LANGUAGE_MODELS: dict[str, Callable[..., nn.Module]] = {
     "causal_lm": causal_lm,
 }
 
@@ -69,8 +73,10 @@ def build_model(
 
 
 __all__ = [
+    "LANGUAGE_MODELS",
     "MODELS",
     "build_model",
+    "causal_lm",
     "cifar_resnet",
     "cifar_vgg",
     "classic_cnn",
