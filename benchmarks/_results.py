@@ -11,6 +11,7 @@ import datetime
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,20 @@ def stats(values: list[float]) -> dict[str, float]:
         return {"n": 0}
     return {"n": len(values), "mean": statistics.mean(values), "median": statistics.median(values),
             "min": min(values), "max": max(values)}
+
+
+def package_source() -> dict[str, Any]:
+    """Which kdistill was measured: its folder and, in a git checkout, the commit and whether
+    the folder has uncommitted changes (a run of an older commit's package, e.g. from a
+    worktree on PYTHONPATH, says so)."""
+    import kdistill
+
+    where = Path(kdistill.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"path": str(where), "commit": commit, "uncommitted_changes": dirty}

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,9 +44,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import stamp  # noqa: E402
+from _results import stamp, package_source  # noqa: E402
 
-import kdistill  # noqa: E402
 from kdistill import Distiller, build_model  # noqa: E402
 from kdistill.atomic import atomic_write_text  # noqa: E402
 from kdistill.losses import KDLoss  # noqa: E402
@@ -82,20 +80,6 @@ def plain_epoch(student, opt, x, y, logits, batch_size, gen):
         total += loss.item() * len(idx)
         n += len(idx)
     return total / n
-
-
-def package_source() -> dict:
-    """Which kdistill was measured: its folder and, in a git checkout, the commit (a run of
-    an older commit's package, e.g. from a worktree on PYTHONPATH, says so)."""
-    where = Path(kdistill.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"path": str(where), "commit": commit, "uncommitted_changes": dirty}
 
 
 def timed(fn) -> float:

@@ -45,9 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import stamp  # noqa: E402
+from _results import stamp, package_source  # noqa: E402
 
-import kdistill  # noqa: E402
 from kdistill.atomic import atomic_write_text  # noqa: E402
 from kdistill.losses import generalized_jsd_loss, token_kl_loss  # noqa: E402
 from kdistill.losses.tokens import DEFAULT_CHUNK_ELEMENTS  # noqa: E402
@@ -59,19 +58,6 @@ LOSSES = {
 }
 ARMS = {"chunked": None, "unchunked": 0}
 MIB = 2**20
-
-
-def package_source() -> dict:
-    """Which kdistill was measured: its folder, the git commit and whether it has uncommitted changes."""
-    where = Path(kdistill.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"path": str(where), "commit": commit, "uncommitted_changes": dirty}
 
 
 def max_rss_bytes() -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import warnings
@@ -35,9 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import stamp  # noqa: E402
+from _results import stamp, package_source  # noqa: E402
 
-import kdistill  # noqa: E402
 from kdistill.atomic import atomic_write_text  # noqa: E402
 from kdistill.losses import generalized_jsd_loss, token_kl_loss  # noqa: E402
 from kdistill.outputs import IGNORE_INDEX  # noqa: E402
@@ -47,19 +45,6 @@ BETAS = (0.0, 0.5, 1.0)
 TEMPERATURES = (1.0, 2.0)
 CHUNKS = (0, 5)
 TOLERANCE = 1e-6
-
-
-def package_source() -> dict:
-    """Which kdistill was measured: its folder, the git commit and whether it has uncommitted changes."""
-    where = Path(kdistill.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"path": str(where), "commit": commit, "uncommitted_changes": dirty}
 
 
 def trl_gkd_loss():

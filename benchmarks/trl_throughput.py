@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import stamp  # noqa: E402
+from _results import stamp, package_source  # noqa: E402
 
 import kdistill  # noqa: E402
 from kdistill.atomic import atomic_write_text  # noqa: E402
@@ -77,19 +77,6 @@ from kdistill.runtime import machine_description  # noqa: E402
 ARMS = ("kdistill", "trl")
 PREPARE, PHASES, LOSS_MEMORY = "prepare", "phases", "loss_memory_"
 RESULT_PREFIX = "RESULT "
-
-
-def package_source() -> dict:
-    """Which kdistill was measured: its folder, the git commit and whether it has uncommitted changes."""
-    where = Path(kdistill.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"path": str(where), "commit": commit, "uncommitted_changes": dirty}
 
 
 def maxrss_mib() -> float:
