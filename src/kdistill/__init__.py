@@ -33,6 +33,7 @@ from .errors import (
 )
 from .losses import DistillationLoss, KDLoss, KLDivergence, WeightedSum, kd_loss
 from .models import build_model
+from .on_policy import OnPolicy
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
 from .teacher import LiveTeacher, Teacher, TeacherCache
@@ -61,6 +62,7 @@ __all__ = [
     "ModelCheckpoint",
     "ModelInputError",
     "NonFiniteLossError",
+    "OnPolicy",
     "Outputs",
     "ProgressBar",
     "RunDirectoryError",
