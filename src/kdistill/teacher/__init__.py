@@ -1,10 +1,13 @@
 """Teachers: the protocol the Distiller calls (``Teacher``), a live network
 (``LiveTeacher``), an offline cache of its outputs (``TeacherCache``) and a live network
-sharded across processes with FSDP2 (``ShardedTeacher``)."""
+sharded across processes with FSDP2 (``ShardedTeacher``); for language models, a top-k
+cache of the teacher's next-token distributions (``TokenCache``)."""
 
 from .base import Teacher
 from .cache import CacheError, CacheMismatchError, TeacherCache, estimate_size
 from .live import LiveTeacher
 from .sharded import ShardedTeacher
+from .token_cache import TokenCache
 
-__all__ = ["CacheError", "CacheMismatchError", "LiveTeacher", "ShardedTeacher", "Teacher", "TeacherCache", "estimate_size"]
+__all__ = ["CacheError", "CacheMismatchError", "LiveTeacher", "ShardedTeacher", "Teacher", "TeacherCache", "TokenCache",
+           "estimate_size"]

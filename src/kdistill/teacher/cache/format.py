@@ -379,3 +379,84 @@ def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
                 f"manifest records {info['sha256'][:23]}…. Rebuild the cache "
                 "(TeacherCache.build(..., overwrite=True)) or restore an intact copy."
             )
+
+
+# --------------------------------------------------------------------------- token caches
+#: The manifest marker of a top-k token cache (:mod:`kdistill.teacher.token_cache`); it
+#: shares the manifest's ``files`` / checksum scheme with the teacher cache above.
+TOKEN_FORMAT = "kdistill-token-cache"
+
+TOKEN_FORMAT_VERSION = 1
+
+#: 16-bit (or 32-bit) storage of a token cache's log-probabilities. numpy has no bfloat16:
+#: it is stored as the raw uint16 bit pattern and viewed back as ``torch.bfloat16``.
+TOKEN_VALUE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+
+def token_id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds every token id of ``vocab_size``."""
+    if vocab_size <= 2**8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 2**16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+def token_data_fingerprint(tokens: torch.Tensor, offsets: torch.Tensor, trained: torch.Tensor) -> str:
+    """SHA-256 of a token dataset: its flat tokens (as int32), offsets (int64) and trained
+    mask (bool), each with its length.
+
+    Returns:
+        ``"sha256:<hex>"``; equal for two datasets exactly when their sequences and masks are.
+    """
+    h = hashlib.sha256()
+    for name, t in (("tokens", tokens.to(torch.int32)), ("offsets", offsets.to(torch.int64)),
+                    ("trained", trained.to(torch.bool))):
+        h.update(f"{name}|{t.numel()}\n".encode())
+        h.update(_tensor_bytes(t))
+    return "sha256:" + h.hexdigest()
+
+
+def encode_token_values(t: torch.Tensor, value_dtype: str) -> np.ndarray:
+    """Log-probabilities as stored: float16 / float32 arrays, or bfloat16 bit patterns (uint16)."""
+    if value_dtype == "bfloat16":
+        return t.detach().to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+    return t.detach().float().cpu().numpy().astype(TOKEN_VALUE_DTYPES[value_dtype])
+
+
+def decode_token_values(a: np.ndarray, value_dtype: str) -> torch.Tensor:
+    """Stored values back as a float32 tensor (inverse of :func:`encode_token_values`)."""
+    a = np.ascontiguousarray(a)
+    if value_dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(a).float()
+
+
+def read_token_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a token cache, checked for its marker, version and fields.
+
+    Raises:
+        CacheError: no directory or manifest, another format, another version, a field missing.
+    """
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        pending = glob.glob(glob.escape(str(path)) + ".tmp-*")
+        hint = (f" An unfinished build is at {pending[0]}: run the same TokenCache.build call to finish it."
+                if pending else " Build it first with kdistill.teacher.TokenCache.build(teacher, dataset, path).")
+        raise CacheError(f"no token cache at {path}: {MANIFEST} is missing." + hint)
+    try:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheError(f"the manifest {f} is unreadable ({type(e).__name__}: {e}); rebuild the cache") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != TOKEN_FORMAT:
+        raise CacheError(f"{f} is not a kdistill token-cache manifest (no '{TOKEN_FORMAT}' marker); "
+                         "a TeacherCache is opened with TeacherCache.open")
+    if manifest.get("format_version") != TOKEN_FORMAT_VERSION:
+        raise CacheError(f"token cache {path} has format version {manifest.get('format_version')!r}, this kdistill "
+                         f"reads version {TOKEN_FORMAT_VERSION}: rebuild it")
+    needed = ("teacher", "dataset", "vocab_size", "k", "value_dtype", "id_dtype", "num_sequences",
+              "num_positions", "bytes_per_position", "files")
+    missing = [key for key in needed if key not in manifest]
+    if missing:
+        raise CacheError(f"the manifest {f} lacks {missing}; it is damaged: rebuild the cache")
+    return manifest
