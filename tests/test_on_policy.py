@@ -218,3 +218,12 @@ def test_bad_settings_are_refused():
         OnPolicy(0.5, 4, top_p=0.0)
     with pytest.raises(ValueError, match="token batches"):
         OnPolicy(1.0, 4).transform(Batch(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), llama(1))
+
+
+def test_a_teacher_cache_is_refused():
+    class TokenCache(LiveTeacher):  # (named as a cache: it would serve the dataset's sequences only)
+        pass
+
+    d = Distiller(student=llama(1), teacher=TokenCache(llama(0)), device="cpu")
+    with pytest.raises(ValueError, match="TokenCache holds them for the dataset's sequences only"):
+        d.compile("adamw", on_policy=OnPolicy(0.5, 4))

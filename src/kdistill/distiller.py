@@ -1419,10 +1419,12 @@ class Distiller(Trainer):
         self.teacher.set_temperatures(loss_temperatures(self.distillation_loss))
         if on_policy is not None and not callable(getattr(on_policy, "transform", None)):
             raise TypeError(f"on_policy must be a kdistill.OnPolicy, got {type(on_policy).__name__}")
-        if on_policy is not None and type(self.teacher).__name__ == "TeacherCache":
+        if on_policy is not None and "Cache" in type(self.teacher).__name__:  # TeacherCache, TokenCache
             raise ValueError("on-policy distillation needs the teacher's outputs on sequences generated during training; "
-                             "a TeacherCache holds them for the dataset's sequences only: distil from the live teacher")
-        if on_policy is not None and getattr(on_policy, "seq_kd", False) and not isinstance(self.teacher, LiveTeacher):
+                             f"a {type(self.teacher).__name__} holds them for the dataset's sequences only: distil from "
+                             "the live teacher")
+        if (on_policy is not None and getattr(on_policy, "seq_kd", False)
+                and not isinstance(getattr(self.teacher, "module", None), nn.Module)):
             raise ValueError(f"OnPolicy(seq_kd=True) generates with the teacher's model; a {type(self.teacher).__name__} "
                              "has none to generate with: use a live teacher (an nn.Module or kdistill.LiveTeacher)")
         self.on_policy = on_policy

@@ -71,6 +71,8 @@ class OnPolicy:
     2. ``u < lmbda``: the **student** generates the completions from the prompts
        (GKD's on-policy batch); else with ``seq_kd`` the **teacher** does (sequence-level
        KD); else the dataset's completions are kept, and the batch goes on unchanged;
+       a generated batch has no ``index`` (its sequences are in no dataset), so a
+       teacher cache cannot serve it (``compile`` refuses one);
     3. a generated batch is prompt + generated completion per sequence, right-padded,
        trained on the completion only (labels -100 on the prompt and on the padding
        after EOS; EOS itself is trained on), its targets made by
@@ -265,4 +267,5 @@ class OnPolicy:
             new_mask[i, :n + c] = 1
             labels[i, n:n + c] = completions[i, :c]
         inputs = {"input_ids": new_ids, "attention_mask": new_mask.to(mask.dtype)}
-        return Batch(inputs, next_token_targets(labels), batch.index)
+        # (no dataset index: these sequences are in no dataset)
+        return Batch(inputs, next_token_targets(labels), None)
