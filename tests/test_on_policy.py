@@ -227,3 +227,23 @@ def test_a_teacher_cache_is_refused():
     d = Distiller(student=llama(1), teacher=TokenCache(llama(0)), device="cpu")
     with pytest.raises(ValueError, match="TokenCache holds them for the dataset's sequences only"):
         d.compile("adamw", on_policy=OnPolicy(0.5, 4))
+
+
+def test_accumulated_micro_batches_count_for_their_generated_tokens():
+    class Shares(Distiller):
+        seen: list = []
+
+        def train_step(self, batch):
+            self.seen.append((batch.items(), self._micro.samples))
+            return super().train_step(batch)
+
+    data = PromptCompletion()
+    d = Shares(student=llama(1), teacher=llama(0), device="cpu")
+    d.compile("adamw", alpha=0.0, distillation_loss_fn=GeneralizedJSDLoss(beta=0.5), accumulate_steps=3,
+              on_policy=OnPolicy(0.5, N_NEW, seed=2))
+    d.fit(data, epochs=1, batch_size=2, verbose=0, seed=0)
+    assert len(d.seen) == 6
+    for step in (d.seen[:3], d.seen[3:]):
+        total = sum(tokens for tokens, _ in step)
+        assert [share for _, share in step] == pytest.approx([tokens / total for tokens, _ in step])
+    assert 0 < d.on_policy.counts["student"] < 6  # generated and dataset batches: their token counts differ
