@@ -192,7 +192,7 @@ def test_generated_batch_layout():
     assert out.targets[torch.arange(4), real - 1].eq(IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("crash_at", [2, 4])  # mid-epoch, at an epoch's end (3 steps per epoch)
+@pytest.mark.parametrize("crash_at", [2, 3, 4])  # mid-epoch, an epoch's last step, the next epoch (3 steps each)
 def test_resume_matches_uninterrupted(tmp_path, crash_at):
     data = PromptCompletion()
     reference = distiller(llama(0), OnPolicy(0.5, N_NEW, seed=11))

@@ -1524,7 +1524,7 @@ class Distiller(Trainer):
         if self.metrics or type(self).compute_metrics is not Trainer.compute_metrics:
             logs.update(self.compute_metrics(full_student.detach(), batch))  # as evaluate sees the student
         if self.on_policy is not None:  # the time generating this optimizer step's batches took (0: the dataset's)
-            logs["generate_seconds"] = getattr(self, "_generate_seconds", 0.0)
+            logs["generate_seconds"] = getattr(self, "_generate_seconds", 0.0) if self._micro is not None else 0.0
         # one read of every log (one device sync): a NaN/inf term stops training before the optimizer step
         values = self._read_step_logs(logs, terms)
         if distill.nonnegative and values["distillation_loss"] < 0:  # (beyond rounding: check_divergence says)
