@@ -68,7 +68,16 @@ def logits_case(out: Path) -> dict:
     second = sharded(Batch(inputs)).logits  # a second call (gathers again) gives the same
     kept = ShardedTeacher(model(seed=TEACHER_SEED), reshard_after_forward=False)
     kept_logits = kept(Batch(inputs)).logits
+    # tied input and output embeddings (one weight): they stay in the root's unit
+    tied_net = model(seed=TEACHER_SEED)
+    tied_net.config.tie_word_embeddings = True
+    tied_net.lm_head.weight = tied_net.model.embed_tokens.weight
+    with torch.inference_mode():
+        tied_want = tied_net(**inputs).logits.clone()
+    tied = ShardedTeacher(tied_net)
     return {
+        "tied_diff": float((tied(Batch(inputs)).logits - tied_want).abs().max()),
+        "tied_blocks": tied.blocks,
         "kept_diff": float((kept_logits - want).abs().max()),
         "kept_bytes_after_forward": kept.local_parameter_bytes(),
         "logits_diff": float((got.logits - want).abs().max()),

@@ -62,7 +62,8 @@ def test_two_processes_shard_the_teacher_and_fit_as_the_replicated_one(tmp_path)
         assert got["kept_diff"] <= 1e-5
         assert not got["requires_grad"] and not got["inference"]  # ordinary tensors for the losses
         # (b) half the parameter bytes at rest, and again after a forward (resharded)
-        assert got["blocks"] == ["model.layers.0", "model.layers.1"]
+        assert got["blocks"] == ["model.layers.0", "model.layers.1", "model.embed_tokens", "lm_head"]
+        assert got["tied_blocks"] == ["model.layers.0", "model.layers.1"] and got["tied_diff"] <= 1e-5
         assert got["dtensors"] == got["parameters"]
         assert abs(got["local_bytes_at_rest"] - got["full_bytes"] / 2) <= 0.01 * got["full_bytes"]
         assert got["local_bytes_after_forward"] == got["local_bytes_at_rest"]

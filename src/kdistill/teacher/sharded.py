@@ -61,9 +61,28 @@ def find_blocks(module: nn.Module) -> list[str]:
     return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
 
 
+def _embedding_units(module: nn.Module) -> list[str]:
+    """The paths of a Hugging Face model's input and output embeddings when their weights
+    are not tied (tied, they stay in the root's unit): with a large vocabulary they are the
+    largest tensors, and as units of their own they are gathered only around their forward."""
+    get_in, get_out = getattr(module, "get_input_embeddings", None), getattr(module, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return []
+    try:
+        found = [get_in(), get_out()]
+    except (NotImplementedError, AttributeError):
+        return []
+    found = [m for m in found if isinstance(m, nn.Module)]
+    weights = [getattr(m, "weight", None) for m in found]
+    if len(found) == 2 and weights[0] is not None and weights[0] is weights[1]:
+        return []
+    names = {id(m): name for name, m in module.named_modules()}
+    return [names[id(m)] for m in found if names.get(id(m))]
+
+
 def _resolve_blocks(module: nn.Module, blocks: Sequence[str] | None) -> list[str]:
     if blocks is None:
-        return find_blocks(module)
+        return find_blocks(module) + _embedding_units(module)
     if isinstance(blocks, str):
         blocks = [blocks]
     names = dict(module.named_modules())
@@ -89,8 +108,9 @@ class ShardedTeacher(Teacher):
     distiller = Distiller(student, teacher=teacher)
     ```
 
-    ``fully_shard`` is applied to each block (see :func:`find_blocks`) and then to the
-    root (the embeddings, final norm and output head form the root's unit). Module paths
+    ``fully_shard`` is applied to each block (see :func:`find_blocks`), to a Hugging Face
+    model's input and output embeddings when their weights are not tied, and then to the
+    root (what remains: the final norm, tied embeddings). Module paths
     are unchanged by sharding, so feature taps (``set_taps``) name layers as in the
     unsharded network.
 
@@ -104,8 +124,8 @@ class ShardedTeacher(Teacher):
             (default; the memory at rest is the shard). ``False`` keeps them gathered after
             the first call: whole-teacher memory, no all-gathers on later calls.
         blocks: paths of the modules to shard one by one (a ``nn.ModuleList``'s path
-            stands for its children); default :func:`find_blocks`; ``()`` shards the
-            whole network as one unit.
+            stands for its children); default :func:`find_blocks` and the untied
+            embeddings; ``()`` shards the whole network as one unit.
 
     Raises:
         DistributedError: no process group (start with ``torchrun --nproc-per-node N``).
