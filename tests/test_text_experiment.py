@@ -205,3 +205,28 @@ def test_a_yaml_run_on_jsonl_records_with_a_saved_tokenizer_and_saved_models(tmp
     # both learnt the completions (uniform over the 300 tokens would be perplexity 300)
     assert m["models"]["teacher"]["perplexity"] < 100 and m["models"]["distil"]["perplexity"] < 300
     assert m["models"]["teacher"]["train_seconds"] > 0  # the saved teacher was fine-tuned (epochs: 1)
+
+
+def test_on_policy_distillation_from_yaml(tmp_path):
+    """stages.distil.on_policy: the student generates the completions of every batch (lmbda 1)."""
+    from kdistill.data.text import train_tokenizer
+
+    records = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x * {i}\n"} for i in range(40)]
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    tok = train_tokenizer([r["prompt"] + r["completion"] for r in records], vocab_size=280)
+    tok.save_pretrained(tmp_path / "tok")
+    raw = text_config(tmp_path / "run", scratch={"enabled": False},
+                      distil={"epochs": 1, "alpha": 0.0, "temperature": 1.0, "losses": [{"name": "generalized_jsd"}],
+                              "on_policy": {"lmbda": 1.0, "max_new_tokens": 6, "seed": 3}})
+    raw["data"]["text"] = {"jsonl": str(jsonl), "tokenizer": str(tmp_path / "tok"), "block_size": 32, "held_out": 0.1}
+    m = _run(raw)
+    hist = m["histories"]["distil"]["history"]
+    assert hist["generate_seconds"][0] > 0  # every batch generated
+    # an image run refuses it before anything runs
+    from kdistill.config import validate_config
+    from kdistill.errors import ConfigError as _CE
+
+    img = {"name": "x", "data": {"dataset": "digits"}, "stages": {"distil": {"on_policy": {"lmbda": 0.5}}}}
+    with pytest.raises((_CE, ValueError), match="on_policy .*needs data.text"):
+        validate_config(img)

@@ -36,6 +36,7 @@ from .bench import count_parameters, size_on_disk
 from .checkpoint import load_weights
 from .config import ExperimentConfig, config_dict
 from .distiller import Distiller, Trainer
+from .on_policy import OnPolicy
 from .errors import ConfigError
 from .report.text import text_headline_numbers
 from .run.fingerprints import fingerprint, stage_settings, step_settings
@@ -380,7 +381,9 @@ def run_text_stages(config: ExperimentConfig, run_dir: Path, device: torch.devic
         params = list(distilled.parameters()) + [p for p in loss.parameters() if p.requires_grad]
         return dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
                             alpha=ds.alpha, scheduler=sched, scheduler_interval=interval,
-                            label_loss_weight=ds.label_loss_weight, vocab_size=ds.vocab_size, **step_settings(ds))
+                            label_loss_weight=ds.label_loss_weight, vocab_size=ds.vocab_size,
+                            on_policy=None if ds.on_policy is None else OnPolicy(**config_dict(ds.on_policy)),
+                            **step_settings(ds))
 
     with stage_clock("distil"):
         results["distil"] = run_stage(ctx, "distil", fp, distilled, distil_trainer,

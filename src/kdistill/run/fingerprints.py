@@ -55,7 +55,7 @@ REPORT_DEFAULTS = {"samples": 3, "prompt_tokens": 24, "new_tokens": 48}
 STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": None}
 #: Stage settings that fingerprints leave out while at these defaults (the step settings,
 #: and the weight average of :class:`kdistill.callbacks.EMA`).
-OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None, "vocab_size": None}
+OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None, "vocab_size": None, "on_policy": None}
 
 
 def stage_settings(stage) -> dict[str, Any]:
