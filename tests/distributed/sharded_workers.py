@@ -47,13 +47,14 @@ def teacher_state(sharded: ShardedTeacher, optimizer: torch.optim.Optimizer | No
 
 
 def logits_case(out: Path) -> dict:
-    reference = model(seed=TEACHER_SEED).eval()
+    device = distributed.device()  # the CPU here; cuda:LOCAL_RANK on a GPU machine (NCCL)
+    reference = model(seed=TEACHER_SEED).eval().to(device)
     sharded = ShardedTeacher(model(seed=TEACHER_SEED))
     full = sum(p.numel() * p.element_size() for p in reference.parameters())
     at_rest = sharded.local_parameter_bytes()
     # each process its own batch (as in data-parallel training)
     g = torch.Generator().manual_seed(100 + distributed.rank())
-    ids = torch.randint(1, VOCAB, (3, 8), generator=g)
+    ids = torch.randint(1, VOCAB, (3, 8), generator=g).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     layer = "model.layers.1"
     sharded.set_taps([layer])
@@ -72,6 +73,7 @@ def logits_case(out: Path) -> dict:
     tied_net = model(seed=TEACHER_SEED)
     tied_net.config.tie_word_embeddings = True
     tied_net.lm_head.weight = tied_net.model.embed_tokens.weight
+    tied_net.to(device)
     with torch.inference_mode():
         tied_want = tied_net(**inputs).logits.clone()
     tied = ShardedTeacher(tied_net)
@@ -100,12 +102,12 @@ def fit_case(case: str, out: Path) -> dict:
     student = model()
     teacher_net = model(seed=TEACHER_SEED)
     teacher = ShardedTeacher(teacher_net) if case == "fit_sharded" else LiveTeacher(teacher_net)
-    distiller = Distiller(student=student, teacher=teacher, device="cpu")
+    distiller = Distiller(student=student, teacher=teacher, device=distributed.device())
     optimizer = torch.optim.Adam(student.parameters(), lr=LR / 50)
     distiller.compile(optimizer, alpha=ALPHA, distillation_loss_fn=TokenKLLoss(temperature=TEMPERATURE))
     history = distiller.fit(TokenRows(rows()), epochs=2, batch_size=4, shuffle=True, seed=0, verbose=0)
     if distributed.is_main():
-        torch.save({k: v.detach().clone() for k, v in student.named_parameters()}, out / f"{case}.pt")
+        torch.save({k: v.detach().cpu().clone() for k, v in student.named_parameters()}, out / f"{case}.pt")
     record = {"history": history.history, "steps": distiller.global_step}
     if isinstance(teacher, ShardedTeacher):
         record["state"] = teacher_state(teacher, optimizer)
