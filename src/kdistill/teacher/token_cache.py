@@ -84,6 +84,22 @@ def _check_tail(tail: str) -> str:
     return tail
 
 
+def _fill_and_values(logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int,
+                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit of every token outside the top k ``(...)`` and of the top k ``(..., k)``."""
+    logprobs = logprobs.float()
+    tail = tail.float()
+    k = logprobs.shape[-1]
+    floor = logprobs.amin(dim=-1) - _FLOOR  # (...)
+    if mode == "uniform":
+        m = tail.exp().clamp(max=1.0)
+        spread = torch.where(m > 0, tail - math.log(vocab_size), floor)  # log(m / V)
+        return spread, torch.logaddexp(logprobs, spread.unsqueeze(-1))
+    if mode == "bucket" and vocab_size > k:
+        return torch.maximum(tail - math.log(vocab_size - k), floor), logprobs
+    return floor, logprobs  # renormalize (or nothing outside the top k)
+
+
 def rebuild_logits(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int,
                    mode: str = "bucket") -> torch.Tensor:
     """Full-vocabulary logits from stored top-k entries.
@@ -94,28 +110,15 @@ def rebuild_logits(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor
         tail: ``(...)`` log of the mass outside the top k (``-inf``: none).
         vocab_size: ``V``.
         mode: ``"renormalize"``: the other ``V - k`` tokens get no mass (the top k
-            renormalised); ``"bucket"``: they share the tail mass equally (each gets
-            ``tail - log(V - k)``); ``"uniform"``: the tail mass is spread over all ``V``
-            tokens, the top k included (``q = p_topk + m / V``, ``m/V`` elsewhere).
+            renormalised; their logits lie ``1e4`` below the smallest stored one);
+            ``"bucket"``: they share the tail mass equally (each gets ``tail - log(V - k)``);
+            ``"uniform"``: the tail mass is spread over all ``V`` tokens, the top k
+            included (``q = p_topk + m / V``, ``m / V`` elsewhere).
 
     Returns:
         ``(..., V)`` float32 logits whose softmax at ``T = 1`` is the rebuilt distribution.
     """
-    _check_tail(mode)
-    logprobs = logprobs.float()
-    tail = tail.float()
-    k = logprobs.shape[-1]
-    floor = logprobs.amin(dim=-1) - _FLOOR  # (...)
-    if mode == "uniform":
-        m = tail.exp().clamp(max=1.0)
-        spread = torch.where(m > 0, tail - math.log(vocab_size), floor)  # log(m / V)
-        values = torch.logaddexp(logprobs, spread.unsqueeze(-1))
-        fill = spread
-    elif mode == "bucket" and vocab_size > k:
-        fill = torch.maximum(tail - math.log(vocab_size - k), floor)
-        values = logprobs
-    else:  # renormalize (or nothing outside the top k)
-        fill, values = floor, logprobs
+    fill, values = _fill_and_values(logprobs, tail, vocab_size, _check_tail(mode))
     logits = fill.unsqueeze(-1).expand(*fill.shape, vocab_size).clone()
     return logits.scatter_(-1, ids, values)
 
@@ -361,9 +364,15 @@ class TokenCache(Teacher):
                 f"token cache {self.path}: trained-position check failed: sequence {int(index[i])} has "
                 f"{int(found[i])} trained-on positions in the batch, {int(counts[i])} in the cache")
         b, t = mask.shape
-        logits = torch.zeros(b, t, self.vocab_size, device=device)
-        if ids.numel():
-            logits[mask] = rebuild_logits(ids.to(device), lp.to(device), tail.to(device), self.vocab_size, self.tail)
+        # one pass over (B, T, V): every position's fill (0 where not trained on), then the
+        # k stored entries of each trained-on position written in place
+        fill, values = _fill_and_values(lp.to(device), tail.to(device), self.vocab_size, self.tail)
+        fills = torch.zeros(b * t, device=device)
+        where = torch.nonzero(mask.reshape(-1)).squeeze(1)  # (P,) flat positions, in order
+        fills[where] = fill
+        logits = fills.unsqueeze(1).expand(b * t, self.vocab_size).clone()
+        logits[where.unsqueeze(1), ids.to(device)] = values
+        logits = logits.view(b, t, self.vocab_size)
         return Outputs(logits=logits)
 
 
