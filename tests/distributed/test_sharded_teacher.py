@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from kdistill.distributed import DistributedError
-from kdistill.teacher import ShardedTeacher
+from kdistill.teacher import ShardedTeacher, Teacher
+from kdistill.teacher.base import missing_calls
 from kdistill.teacher.sharded import find_blocks
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +88,13 @@ def test_outside_a_process_group_it_says_to_start_with_torchrun(tmp_path):
     found, _ = run_cases(tmp_path, "no_group", 1)
     message = found[0]["no_group"]["raised"]
     assert message.startswith("DistributedError: ") and "torchrun --nproc-per-node N" in message
+
+
+def test_it_answers_every_call_of_the_protocol():
+    assert issubclass(ShardedTeacher, Teacher) and missing_calls(ShardedTeacher) == []
+    # set_taps and parameters are its own; the other calls keep a live teacher's defaults
+    assert ShardedTeacher.set_taps is not Teacher.set_taps and ShardedTeacher.parameters is not Teacher.parameters
+    assert ShardedTeacher.prepare is Teacher.prepare and ShardedTeacher.resolve_augment is Teacher.resolve_augment
 
 
 def test_outside_a_process_group_in_this_process(monkeypatch):
