@@ -27,7 +27,6 @@ teacher, data and settings.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -39,11 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_text, fsync_dir
 from ..outputs import Batch, Outputs
 from .base import Teacher
-from .cache.build import COMMIT_INTERVAL_S, _build_lock, _claim_temp, _commit
-from .cache.format import (MANIFEST, PROGRESS, TOKEN_FORMAT, TOKEN_FORMAT_VERSION, TOKEN_VALUE_DTYPES, CacheError,
+from .cache.build import COMMIT_INTERVAL_S, _build_lock, _claim_temp, _commit, _publish
+from .cache.format import (MANIFEST, TOKEN_FORMAT, TOKEN_FORMAT_VERSION, TOKEN_VALUE_DTYPES, CacheError,
                            CacheMismatchError, decode_token_values, encode_token_values, file_sha256,
                            read_token_manifest, teacher_fingerprint, teacher_module, token_data_fingerprint,
                            token_id_dtype, verify_checksums)
@@ -538,17 +536,7 @@ def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_
                 "of the other V-k log-probabilities (-inf when k = V)",
         "files": files,
     }
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (tmp / PROGRESS).unlink(missing_ok=True)
-    fsync_dir(tmp)
-    if replace:
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _publish(tmp, path, manifest, replace=replace)
 
 
 def _reopen(tmp: Path, progress: dict, total: int, k: int) -> dict[str, np.ndarray] | None:

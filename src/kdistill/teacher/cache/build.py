@@ -349,17 +349,7 @@ def _build_here(teacher: nn.Module, x: torch.Tensor | np.ndarray, path: str | os
         "files": files,
         "bytes_per_sample": sum(info["bytes_per_sample"] for info in files.values()),
     }
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (tmp / PROGRESS).unlink(missing_ok=True)
-    fsync_dir(tmp)
-    if replace:
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _publish(tmp, path, manifest, replace=replace)
     return path
 
 
@@ -456,3 +446,20 @@ def _reopen_arrays(tmp: Path, progress: dict) -> dict[str, np.memmap] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return arrays or None
+
+
+def _publish(tmp: Path, path: Path, manifest: dict, *, replace: bool) -> None:
+    """End a build: the manifest written last (a folder without one is unfinished), the
+    progress record dropped, then the folder renamed into place; a cache it replaces is
+    moved aside first and removed after, so ``path`` always holds a whole cache."""
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (tmp / PROGRESS).unlink(missing_ok=True)
+    fsync_dir(tmp)
+    if replace:
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
