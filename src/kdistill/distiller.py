@@ -20,6 +20,7 @@ from .data.loader import make_loader
 from .errors import NonFiniteLossError
 from .losses import DistillationLoss, SoftTargetLoss, WeightedSum, check_divergence
 from .losses.logits import check_same_classes, check_temperature
+from .losses.tokens import check_vocabularies
 from .metrics import Metric, resolve_metrics
 from .outputs import IGNORE_INDEX, UNLABELLED, Batch, Inputs, Outputs
 from .runtime import get_device, seed_everything
@@ -1451,12 +1452,7 @@ class Distiller(Trainer):
         """Once per fit: teacher and student must score the same classes."""
         s, t = student.logits.shape[-1], teacher.logits.shape[-1]
         if s != t and student.logits.dim() > 2:
-            raise ValueError(
-                f"the student's vocabulary has {s} entries and the teacher's {t}: token-level distillation "
-                "compares the two models' distributions over the same tokens. If both use one tokenizer and a "
-                f"head is padded, pass vocab_size=<the tokenizer's size, len(tokenizer)> to compile (YAML: "
-                f"vocab_size), which compares the first vocab_size logits of each; otherwise distil between "
-                "models that share a tokenizer")
+            check_vocabularies(student.logits, teacher.logits)  # raises, naming both vocabularies
         if s != t:
             raise ValueError(
                 f"teacher and student class counts differ: {self.teacher!r} "

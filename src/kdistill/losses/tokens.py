@@ -72,8 +72,9 @@ def check_vocabularies(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         raise ValueError(
             f"the student's vocabulary has {s} entries and the teacher's {t}: a token loss compares the two "
             "distributions entry by entry, so both must score the same vocabulary. If both models share one "
-            "tokenizer and a head is padded, pass vocab_size=<tokenizer size> to Distiller.compile, which "
-            "slices both to it; otherwise the models need the same tokenizer"
+            "tokenizer and a head is padded, pass vocab_size=<tokenizer size> to Distiller.compile "
+            "(YAML: stages.distil.vocab_size), which compares the first vocab_size logits of each; otherwise the "
+            "models need the same tokenizer"
         )
     raise ValueError(
         f"student logits have shape {tuple(student_logits.shape)} and teacher logits "
