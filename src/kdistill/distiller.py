@@ -966,7 +966,7 @@ class Trainer:
             for i, (batch, (samples, labelled)) in enumerate(zip(group, shares)):
                 last = i == n - 1
                 self._micro = _WHOLE if shares is _WHOLE_SHARES else _MicroStep(i == 0, last, samples, labelled)
-                if batch.is_tokens:  # counted where the loader made it (the CPU): no device synchronisation
+                if batch.is_tokens:  # counted before the move: on the loader's CPU batch, no device synchronisation
                     self._last_batch_tokens += batch.items()
                 batch = self._augment_batch(batch.to(self.device))
                 self._last_batch_size += len(batch)
