@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .outputs import IGNORE_INDEX, Batch, next_token_targets
 
 #: Where a batch's completions came from (:attr:`OnPolicy.last_source`).
@@ -40,6 +41,17 @@ def _token_id(value: Any) -> int | None:
     if isinstance(value, torch.Tensor):
         return int(value.flatten()[0])
     return int(value)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module inside it) is sharded with FSDP (``fully_shard``,
+    as :class:`~kdistill.teacher.ShardedTeacher` shards a teacher, or
+    ``FullyShardedDataParallel``): its forward is a collective."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch without FSDP
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 def prompt_lengths(batch: Batch) -> torch.Tensor:
@@ -81,9 +93,10 @@ class OnPolicy:
     The prompt of a sequence is the positions before its first trained-on label. Prompts
     are left-padded for the batched ``generate`` (Hugging Face's key/value cache needs
     it for decoder-only models) and the result re-padded on the right for training.
-    Generation runs in eval mode without gradients (the model is put back in the mode it
-    was in), sampling (``do_sample=True``, ``top_k=0``) with ``temperature`` and
-    ``top_p``: these are the sampling settings, unrelated to the loss temperature.
+    Generation runs in eval mode under ``torch.inference_mode()`` (the model is put back
+    in the mode it was in), sampling (``do_sample=True``, ``top_k=0``) with
+    ``temperature`` and ``top_p``: these are the sampling settings, unrelated to the loss
+    temperature.
 
     The sampling uses a seed drawn from this object's generator inside a forked global
     RNG, so the global random streams (dropout, the data order) are the same as without
@@ -92,6 +105,24 @@ class OnPolicy:
     (:meth:`state_dict`; the Distiller hands it to
     :class:`~kdistill.callbacks.TrainingCheckpoint`), so a resumed fit draws what the
     uninterrupted one drew.
+
+    Across processes (``torchrun``, DDP): every process seeds the generator with the same
+    ``seed`` and draws once per micro-batch, as one process does, so every process makes
+    the same decision for the micro-batch it holds its share of (the global batch is
+    generated or kept as a whole, as in one process, and the processes' step times stay
+    alike). The sampling seed is the drawn one plus the process's rank, so processes
+    sample different completions even from identical prompts (a single-process fit's
+    samples are those of rank 0's seed; a multi-process fit's samples differ from a
+    single-process one's). Each process generates its own share of the batch with the
+    student's unwrapped module (``Distiller.model``, not the ``DistributedDataParallel``
+    wrapper: no collectives), so the processes finish generating at different times. A
+    sharded teacher's forward is a collective (:class:`~kdistill.teacher.ShardedTeacher`,
+    FSDP2): generating with it (``seq_kd``), every process runs the same number of
+    forward calls, ``generate(synced_gpus=True)``, which keeps a process whose
+    completions all ended at EOS running forward calls until every process's have
+    ended (or ``max_new_tokens`` is reached); its extra tokens are discarded. A resumed
+    multi-process fit restores rank 0's generator state on every process and continues
+    the uninterrupted fit's draws.
 
     Time spent generating is measured per batch (:attr:`last_seconds`; the Distiller logs
     each optimizer step's as ``generate_seconds``) and summed (:attr:`seconds`).
@@ -137,6 +168,8 @@ class OnPolicy:
         self.seconds = 0.0
         #: where the last batch's completions came from: "dataset", "student" or "teacher"
         self.last_source = "dataset"
+        #: the seed this process sampled the last batch's completions with (None: the dataset's)
+        self.last_seed: int | None = None
         #: batches transformed, by source
         self.counts = dict.fromkeys(SOURCES, 0)
 
@@ -170,6 +203,12 @@ class OnPolicy:
             return "student", seed
         return ("teacher" if self.seq_kd else "dataset"), seed
 
+    @staticmethod
+    def process_seed(seed: int) -> int:
+        """The seed this process samples with, from the seed :meth:`draw` gave every
+        process: ``seed + rank`` (``seed`` itself in a single-process fit)."""
+        return seed + distributed.rank()
+
     def transform(self, batch: Batch, student: nn.Module, teacher: nn.Module | None = None) -> Batch:
         """The batch to train on: ``batch`` itself, or its prompts with generated
         completions (see the class docstring).
@@ -184,9 +223,10 @@ class OnPolicy:
             ValueError: a batch that is not a token batch with those two inputs, or
                 ``seq_kd`` without a teacher module.
         """
-        source, seed = self.draw()
+        source, seed = self.draw()  # the same on every process
         self.last_seconds = 0.0
         self.last_source = source
+        self.last_seed = None
         self.counts[source] += 1
         if source == "dataset":
             return batch
@@ -195,8 +235,9 @@ class OnPolicy:
             raise ValueError("OnPolicy(seq_kd=True) needs the teacher's model to generate with; "
                              "use a live teacher (an nn.Module or kdistill.LiveTeacher)")
         self._check(batch)
+        self.last_seed = self.process_seed(seed)
         started = time.perf_counter()
-        out = self.generate(model, batch, seed)
+        out = self.generate(model, batch, self.last_seed)
         self.last_seconds = time.perf_counter() - started
         self.seconds += self.last_seconds
         return out
@@ -221,7 +262,11 @@ class OnPolicy:
 
     def generate(self, model: nn.Module, batch: Batch, seed: int) -> Batch:
         """``model``'s completions of ``batch``'s prompts, sampled with ``seed``, as a
-        training batch (prompt masked, padding after EOS masked)."""
+        training batch (prompt masked, padding after EOS masked).
+
+        A sharded ``model`` (:func:`is_sharded`) in a multi-process fit generates in
+        lockstep with the other processes (``synced_gpus=True``): every process must call
+        this together."""
         ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
         device = ids.device
         pad, eos = self._ids(model)
@@ -234,16 +279,21 @@ class OnPolicy:
         for i, n in enumerate(lens):
             prompts[i, width - n:] = ids[i, :n]
             prompt_mask[i, width - n:] = 1
-        # 2. sample, eval mode, no gradients, in a forked global RNG seeded from our generator
+        # 2. sample, eval mode, under inference mode (a sharded teacher's gathered parameters are inference
+        #    tensors, its forward for the loss runs in it), in a forked global RNG seeded from our generator
+        # a sharded model's forward gathers its parameters from every process: all run as many forward
+        # calls (a process whose completions all ended keeps stepping until every process's have)
+        synced = distributed.world_size() > 1 and is_sharded(model)
         was_training = model.training
         model.eval()
         try:
             devices = [device] if device.type == "cuda" else []
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with torch.inference_mode(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True,
                                      temperature=self.temperature, top_p=self.top_p, top_k=0,
-                                     max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                                     max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                     synced_gpus=True if synced else None)  # (None: transformers decides)
         finally:
             model.train(was_training)
         completions = out[:, width:]  # (B, N)
