@@ -492,24 +492,35 @@ class TeacherCacheConfig(_Strict):
     the tail at the stage's temperature, so the softened top-k distribution is exact.
     With ``data.augment`` the cache must hold ``views`` augmented views per sample (epoch
     ``e`` trains on view ``e mod views``).
+
+    In a language-model run (``data.text``) it is a top-k token cache
+    (:class:`kdistill.teacher.TokenCache`) of the teacher over the distil stage's training
+    sequences: ``mode`` is ``topk`` (the default there), ``k`` defaults to 64, ``tail``
+    chooses how the mass outside the top k is served, ``value_bits`` stores the
+    log-probabilities as short codes, ``batch_size`` counts sequences (default 16) and
+    ``views`` does not apply.
     """
 
-    mode: Literal["full", "topk"] = Field(default="full", description="full logits, or the top k and a tail bucket")
-    k: int | None = Field(default=None, ge=1, description="classes kept per sample (mode: topk)")
-    dtype: Literal["float16", "float32"] = "float16"
+    mode: Literal["full", "topk"] = Field(
+        default="full", description="full logits, or the top k and a tail bucket (language models: topk only, "
+        "the default there)")
+    k: int | None = Field(default=None, ge=1, description="classes (language models: tokens) kept per sample "
+                          "(mode: topk; language models default to 64)")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="storage type of the stored values (bfloat16: language-model caches only)")
     views: int = Field(default=0, ge=0, description="augmented views per sample; needed with data.augment")
+    value_bits: int | None = Field(
+        default=None, ge=1, le=16, description="language models: store each log-probability as a code of this "
+        "many bits on its position's own linear grid (e.g. 4), dtype then holding each grid's ends and the tail; "
+        "null: in dtype")
+    tail: Literal["bucket", "renormalize", "uniform"] | None = Field(
+        default=None, description="language models: how the mass outside the top k is served (bucket: shared "
+        "equally by the other tokens; renormalize: none; uniform: spread over every token); default bucket")
     path: str | None = Field(
         default=None, description="cache directory (built there if missing); default: teacher_caches/ beside the "
         "stage store, or RUN_DIR/teacher_cache without a store")
-    batch_size: int = Field(default=256, ge=1, description="samples per teacher forward while building")
-
-    @model_validator(mode="after")
-    def _check(self) -> "TeacherCacheConfig":
-        if self.mode == "topk" and self.k is None:
-            raise ValueError("mode: topk needs k, the classes kept per sample (e.g. k: 5)")
-        if self.mode == "full" and self.k is not None:
-            raise ValueError("k is only used with mode: topk")
-        return self
+    batch_size: int = Field(default=256, ge=1, description="samples per teacher forward while building "
+                            "(language models: sequences, default 16)")
 
 
 class OnPolicyConfig(_Strict):
@@ -541,6 +552,10 @@ class DistilStage(StageConfig):
         "vocab_size logits (the tokenizer's vocabulary)")
     on_policy: OnPolicyConfig | None = Field(
         default=None, description="language models: on-policy distillation (student-generated completions, GKD)")
+    shard_teacher: bool = Field(
+        default=False, description="distil stage of a language-model run under torchrun: shard the teacher's "
+        "parameters across the processes for distillation (kdistill.teacher.ShardedTeacher, FSDP2); a single "
+        "process refuses it")
 
     @field_validator("teacher_cache", mode="before")
     @classmethod
@@ -630,10 +645,47 @@ class ExperimentConfig(_Strict):
             if stage is not None and stage.on_policy is not None and self.data.text is None:
                 raise ValueError(f"stages.{where}.on_policy generates completions with a language model: it needs "
                                  "data.text (a language-model run)")
+            if stage is not None and stage.on_policy is not None and stage.teacher_cache is not None:
+                raise ValueError(
+                    f"stages.{where}.teacher_cache cannot serve stages.{where}.on_policy: the cache holds the teacher's "
+                    "outputs on the dataset's sequences, and on-policy batches are generated during training (they "
+                    f"have no index into the cache). Remove stages.{where}.teacher_cache to distil from the live "
+                    f"teacher, or remove stages.{where}.on_policy to distil from the cache")
+            if stage is not None and stage.shard_teacher:
+                self._check_sharding(stage, where)
         return self
+
+    def _check_sharding(self, stage: "DistilStage", where: str) -> None:
+        key = f"stages.{where}.shard_teacher"
+        if where != "distil" or self.data.text is None:
+            raise ValueError(f"{key} is for the distil stage of a language-model run (data.text): it shards a "
+                             "causal LM teacher block by block; remove it")
+        if stage.teacher_cache is not None:
+            raise ValueError(f"{key} with stages.distil.teacher_cache: the cache replaces the teacher during "
+                             "distillation, so there is nothing to shard; remove one of them")
+        if stage.on_policy is not None and stage.on_policy.seq_kd:
+            raise ValueError(f"{key} with stages.distil.on_policy.seq_kd: a sharded teacher cannot generate "
+                             "completions (each process holds part of it); set on_policy.seq_kd: false or "
+                             "shard_teacher: false")
 
     def _check_cache(self, cache: "TeacherCacheConfig", where: str) -> None:
         key = f"stages.{where}.teacher_cache"
+        if self.data.text is not None:
+            self._check_token_cache(cache, key)
+            return
+        if cache.mode == "topk" and cache.k is None:
+            raise ValueError(f"{key}: mode: topk needs k, the classes kept per sample (e.g. k: 5)")
+        if cache.mode == "full" and cache.k is not None:
+            raise ValueError(f"{key}: k is only used with mode: topk")
+        if cache.dtype == "bfloat16":
+            raise ValueError(f"{key}.dtype: bfloat16 is for language-model token caches; an image run's cache "
+                             "stores float16 or float32")
+        if cache.tail is not None:
+            raise ValueError(f"{key}.tail is for language-model token caches (data.text); an image run's top-k "
+                             "cache always serves its tail as a bucket: remove it")
+        if cache.value_bits is not None:
+            raise ValueError(f"{key}.value_bits is for language-model token caches (data.text); an image run's "
+                             "cache stores float16 or float32 values: remove it")
         if self.data.augment and not cache.views:
             raise ValueError(
                 f"{key} with data.augment needs teacher_cache.views >= 1: a cache of the "
@@ -647,6 +699,26 @@ class ExperimentConfig(_Strict):
                     f"data.augment {spec.label()} cannot make per-sample views for {key} "
                     "(mixup and cutmix mix samples of a batch; a custom class needs seeded(x, seeds) and "
                     "to_config()); drop the cache to distil from the live teacher")
+
+    @staticmethod
+    def _check_token_cache(cache: "TeacherCacheConfig", key: str) -> None:
+        """A language-model run's cache: a top-k token cache; its defaults resolved here, so
+        the dumped config and the stage's fingerprint hold them."""
+        if cache.mode == "full" and "mode" in cache.model_fields_set:
+            raise ValueError(
+                f"{key}.mode: full is not available for language models (a full cache would store every "
+                "vocabulary entry at every position): use mode: topk with k tokens per position (e.g. k: 64), "
+                "or leave mode out (topk is the default for data.text)")
+        if cache.views:
+            raise ValueError(f"{key}.views is for image runs with data.augment; a language-model run's token "
+                             "cache has no augmented views: remove it")
+        cache.__dict__["mode"] = "topk"
+        if cache.k is None:
+            cache.__dict__["k"] = 64
+        if cache.tail is None:
+            cache.__dict__["tail"] = "bucket"
+        if "batch_size" not in cache.model_fields_set:
+            cache.__dict__["batch_size"] = 16
 
     def run_dir(self) -> Path:
         return Path(self.output_dir if self.output_dir is not None else Path("runs") / self.name)

@@ -400,6 +400,10 @@ def run_experiment(
     distributed.init()
     # every process must run the same experiment (a rank with another config would hang or diverge)
     distributed.check_agreement("the experiment", {"config": config_dict(config)})
+    if config.data.text is not None:  # a sharded teacher needs torchrun: refused before anything is written
+        from .text_experiment import check_shard_teacher
+
+        check_shard_teacher(config)
     main = distributed.is_main()
     run_dir = Path(run_dir) if run_dir is not None else config.run_dir()
     early: list[str] = []  # messages from before run.log is open; they go into it once it is

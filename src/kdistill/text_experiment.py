@@ -8,7 +8,9 @@ tokenizer), the models (Hugging Face causal LMs) and what is measured:
    byte-level BPE tokenizer trained on the training text (or one given), token blocks;
 2. the **teacher** trained on every training block (or loaded);
 3. the student **from scratch** on the students' blocks (``data.subset``: the first N);
-4. the same student **distilled** from the teacher on the same blocks;
+4. the same student **distilled** from the teacher on the same blocks (from a top-k token
+   cache of it with ``stages.distil.teacher_cache``; sharded across the torchrun processes
+   with ``stages.distil.shard_teacher``);
 5. measured on the held-out text: next-token loss and perplexity, top-1 agreement with the
    teacher, parameters, size, greedy generation speed (batch 1) and generated samples.
 
@@ -199,6 +201,81 @@ def _check_vocabularies(config: ExperimentConfig, models: dict[str, nn.Module], 
             "with the same tokenizer")
 
 
+# --------------------------------------------------------------------------- the distil stage's teacher
+def token_cache_key(config: ExperimentConfig, t_fp: str, data_fp: str) -> str:
+    """What names a run's token cache (its folder under ``teacher_caches/``): the teacher
+    stage, the data, the students' blocks and what is stored (not the tail mode, which is
+    chosen when the cache is opened, nor the build's batch size)."""
+    tc = config.stages.distil.teacher_cache
+    return fingerprint("token_cache", t_fp, data_fp, config.data.subset, config.seed,
+                       {"k": tc.k, "dtype": tc.dtype, **token_cache_extra_settings(tc)})
+
+
+def token_cache_extra_settings(tc) -> dict[str, Any]:
+    """:meth:`TokenCache.build`'s settings beyond ``k`` and ``dtype``, where the config
+    sets them (``value_bits``); left out at their defaults, so the key of a cache without
+    them stays as it was."""
+    return {} if tc.value_bits is None else {"value_bits": tc.value_bits}
+
+
+def open_token_cache(ctx: StageContext, teacher: nn.Module, students_data: Any, t_fp: str) -> Any:
+    """Build (once) or open the top-k token cache ``stages.distil.teacher_cache`` asks for:
+    the teacher over the students' training blocks (the dataset the distil stage fits, so
+    ``batch.index`` finds their rows). With several processes one builds it, the others
+    wait on its lock and open the same files."""
+    from .experiment import default_cache_path
+    from .teacher import CacheMismatchError, TokenCache
+
+    cfg = ctx.config
+    tc = cfg.stages.distil.teacher_cache
+    key = token_cache_key(cfg, t_fp, ctx.data_fp)
+    path = default_cache_path(cfg, ctx.store, ctx.run_dir, key)
+    if not (path / "manifest.json").is_file():
+        ctx.log(f"[distil] building the token cache {path}: the teacher over {len(students_data):,} sequences, "
+                f"top {tc.k} tokens per trained-on position, "
+                + (f"{tc.value_bits}-bit codes" if tc.value_bits else tc.dtype))
+    started = time.perf_counter()
+    try:
+        cache = TokenCache.build(teacher, students_data, path, k=tc.k, value_dtype=tc.dtype,
+                                 batch_size=tc.batch_size, tail=tc.tail, device=ctx.device,
+                                 **token_cache_extra_settings(tc))
+    except CacheMismatchError as e:
+        raise ConfigError(f"stages.distil.teacher_cache: {e}. Remove that directory, or point "
+                          "stages.distil.teacher_cache.path at another one") from None
+    stored = f"{tc.value_bits}-bit codes" if tc.value_bits else tc.dtype
+    ctx.log(f"[distil] distilling from the token cache {path} (k={cache.k}, tail {cache.tail}, {stored}, "
+            f"{cache.num_positions:,} positions, {cache.bytes_per_position:g} B/position; ready in "
+            f"{time.perf_counter() - started:.1f} s)")
+    return cache
+
+
+def check_shard_teacher(config: ExperimentConfig) -> None:
+    """``stages.distil.shard_teacher`` needs a multi-process (torchrun) run: refused in a
+    single process, before anything is written."""
+    if config.data.text is not None and config.stages.distil.shard_teacher and distributed.world_size() < 2:
+        raise ConfigError(
+            "stages.distil.shard_teacher: true shards the teacher across the processes of a torchrun launch, and "
+            "this run is a single process: start it with torchrun --nproc-per-node N -m kdistill run CONFIG "
+            "(N >= 2, one shard per process), or set stages.distil.shard_teacher: false to distil from the whole "
+            "teacher in this process")
+
+
+def unshard_teacher(sharded: Any, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The whole teacher back from its shards, for measuring (every process takes part in
+    gathering each tensor; rank 0 alone keeps them, in a network it builds)."""
+    main = distributed.is_main()
+    full = {}
+    for name, value in sharded.module.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value  # a collective
+        if main:
+            full[name] = value.detach().cpu()
+    if not main:
+        return None
+    teacher = build()
+    teacher.load_state_dict(full)
+    return teacher.eval()
+
+
 # --------------------------------------------------------------------------- measuring
 def _held_out_scores(model: nn.Module, data: TextData, device: torch.device, batch_size: int,
                      teacher_preds: list[torch.Tensor] | None) -> tuple[dict[str, float], list[torch.Tensor]]:
@@ -367,17 +444,29 @@ def run_text_stages(config: ExperimentConfig, run_dir: Path, device: torch.devic
                                            dict(x=students_data, epochs=ss.epochs, batch_size=s_batch, **common),
                                            share=True)
 
-    # 4. the same student distilled from the teacher
+    # 4. the same student distilled from the teacher (live, from its token cache, or sharded)
     ds = stages.distil
     distilled = build(config.student)
     batch = ds.batch_size or d.batch_size
-    fp = fingerprint("distil", student_id, stage_settings(ds), batch, False, t_fp)
+    fp = fingerprint("distil", student_id, stage_settings(ds), batch, False, t_fp)  # holds the cache settings
+    sharded = None
 
     def distil_trainer() -> Trainer:
+        nonlocal sharded
         loss = build_losses(ds)
         sched, interval = build_schedule(ds.schedule, ds.epochs, steps_per_epoch(len(students_data), batch,
                                                                                    ds.accumulate_steps))
-        dist = Distiller(student=distilled, teacher=teacher, device=device)
+        source: Any = teacher
+        if ds.teacher_cache is not None:  # the temperature stays the losses' (they soften the served logits)
+            source = open_token_cache(ctx, teacher, students_data, t_fp)
+        elif ds.shard_teacher:
+            from .teacher import ShardedTeacher
+
+            sharded = source = ShardedTeacher(teacher)
+            log(f"[distil] the teacher sharded across {distributed.world_size()} processes "
+                f"({len(sharded.blocks)} units; {sharded.local_parameter_bytes() / 2**20:,.2f} MiB of its "
+                f"{sharded.full_parameter_bytes / 2**20:,.2f} MiB of parameters in each)")
+        dist = Distiller(student=distilled, teacher=source, device=device)
         params = list(distilled.parameters()) + [p for p in loss.parameters() if p.requires_grad]
         return dist.compile(build_optimizer(ds.optimizer, params), metrics=["accuracy"], distillation_loss_fn=loss,
                             alpha=ds.alpha, scheduler=sched, scheduler_interval=interval,
@@ -388,6 +477,8 @@ def run_text_stages(config: ExperimentConfig, run_dir: Path, device: torch.devic
     with stage_clock("distil"):
         results["distil"] = run_stage(ctx, "distil", fp, distilled, distil_trainer,
                                       dict(x=students_data, epochs=ds.epochs, batch_size=batch, **common), share=False)
+    if sharded is not None:  # measured whole, on rank 0
+        teacher = unshard_teacher(sharded, lambda: build(config.teacher))
 
     # 5. measure, report, mark finished (rank 0)
     metrics = None

@@ -56,17 +56,31 @@ STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": No
 #: Stage settings that fingerprints leave out while at these defaults (the step settings,
 #: and the weight average of :class:`kdistill.callbacks.EMA`).
 OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None, "vocab_size": None, "on_policy": None}
+#: ``teacher_cache`` settings added later, left out while at these defaults (an image run's
+#: cache has neither): a cached stage of an older run keeps its fingerprint.
+CACHE_OPTIONAL_DEFAULTS = {"tail": None, "value_bits": None}
+#: Stage settings that change where the work runs, not what it computes: never in a
+#: fingerprint (a sharded teacher gives the outputs of the whole one).
+EXECUTION_ONLY = ("shard_teacher",)
 
 
 def stage_settings(stage) -> dict[str, Any]:
     """A stage's settings as fingerprints hold them: :func:`config_dict`, less the
     training-step settings (``precision``, ``accumulate_steps``, ``max_grad_norm``) and
     ``ema_decay`` left at their defaults, so a stage trained without them keeps its fingerprint (and a
-    stored teacher stays reusable); setting one makes it another stage."""
+    stored teacher stays reusable); setting one makes it another stage. The ``teacher_cache``
+    settings are kept (``tail`` and ``value_bits`` only when set), ``shard_teacher`` never is."""
     d = config_dict(stage)
     for key, default in OPTIONAL_DEFAULTS.items():
         if d.get(key, default) == default:
             d.pop(key, None)
+    for key in EXECUTION_ONLY:
+        d.pop(key, None)
+    cache = d.get("teacher_cache")
+    if isinstance(cache, dict):  # its settings are the stage's: a cached and a live stage differ
+        for key, default in CACHE_OPTIONAL_DEFAULTS.items():
+            if cache.get(key, default) == default:
+                cache.pop(key, None)
     return d
 
 
