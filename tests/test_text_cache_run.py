@@ -165,7 +165,6 @@ def test_text_cache_defaults_are_resolved():
     ({"teacher_cache": True, "on_policy": {"lmbda": 0.5}},
      r"stages.distil.teacher_cache cannot serve stages.distil.on_policy.*Remove stages.distil.teacher_cache"),
     ({"shard_teacher": True, "teacher_cache": True}, r"shard_teacher with stages.distil.teacher_cache.*remove one"),
-    ({"shard_teacher": True, "on_policy": {"seq_kd": True}}, r"shard_teacher with stages.distil.on_policy.seq_kd"),
 ])
 def test_text_refusals(distil, match):
     with pytest.raises(ConfigError, match=match):
@@ -197,6 +196,8 @@ def test_fingerprints_of_existing_configs_do_not_change():
     plain, sharded = validate_config(_text({})), validate_config(_text({"shard_teacher": True}))
     assert stage_settings(sharded.stages.distil) == stage_settings(plain.stages.distil)
     assert config_fingerprint(sharded) == config_fingerprint(plain)
+    # on-policy distillation (seq_kd: the sharded teacher generates in lockstep) is accepted with it
+    assert validate_config(_text({"shard_teacher": True, "on_policy": {"seq_kd": True}})).stages.distil.shard_teacher
     # any cache setting that changes the served distribution is another stage
     a = stage_settings(validate_config(_text({"teacher_cache": {"tail": "bucket"}})).stages.distil)
     b = stage_settings(validate_config(_text({"teacher_cache": {"tail": "uniform"}})).stages.distil)

@@ -663,10 +663,6 @@ class ExperimentConfig(_Strict):
         if stage.teacher_cache is not None:
             raise ValueError(f"{key} with stages.distil.teacher_cache: the cache replaces the teacher during "
                              "distillation, so there is nothing to shard; remove one of them")
-        if stage.on_policy is not None and stage.on_policy.seq_kd:
-            raise ValueError(f"{key} with stages.distil.on_policy.seq_kd: a sharded teacher cannot generate "
-                             "completions (each process holds part of it); set on_policy.seq_kd: false or "
-                             "shard_teacher: false")
 
     def _check_cache(self, cache: "TeacherCacheConfig", where: str) -> None:
         key = f"stages.{where}.teacher_cache"
