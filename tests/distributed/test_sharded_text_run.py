@@ -1,6 +1,7 @@
 """``stages.distil.shard_teacher: true`` in a language-model YAML run on 2 CPU processes
 (torchrun, Gloo): the teacher is sharded for distillation, the student ends on the
-weights the replicated teacher gives, and the report measures the whole teacher again."""
+weights the replicated teacher gives, and the report measures the whole teacher again.
+``stages.distil.teacher_cache`` on 2 processes: one token cache, served to both."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def env(tmp_path: Path) -> dict:
     return e
 
 
-def run_two(tmp_path: Path, name: str, shard: bool) -> Path:
-    raw = text_config(tmp_path / name, distil={**DISTIL, "shard_teacher": shard})
+def run_two(tmp_path: Path, name: str, shard: bool, **distil) -> Path:
+    raw = text_config(tmp_path / name, distil={**DISTIL, "shard_teacher": shard, **distil})
     raw["teacher_store"] = str(tmp_path / "store")  # the second run reuses the first one's teacher
     config = write_config(tmp_path / f"{name}.yaml", raw)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -50,7 +51,7 @@ def run_two(tmp_path: Path, name: str, shard: bool) -> Path:
     return tmp_path / name
 
 
-def test_a_two_process_run_shards_the_teacher_and_distils_as_the_replicated_one(tmp_path):
+def test_two_process_runs_shard_the_teacher_or_read_its_cache_and_distil_as_the_replicated_one(tmp_path):
     sharded = run_two(tmp_path, "sharded", True)
     live = run_two(tmp_path, "live", False)
     log = (sharded / "run.log").read_text()
@@ -69,3 +70,14 @@ def test_a_two_process_run_shards_the_teacher_and_distils_as_the_replicated_one(
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
     scratch = load_stage_model(sharded, "scratch").state_dict()
     assert any(not torch.equal(a[k], scratch[k]) for k in a)
+
+    # 2 processes distilling from an exact token cache (every token, float32): built once
+    # (rank 0 builds, rank 1 waits on its lock), each serving its share of the batch
+    cached = run_two(tmp_path, "cached", False, teacher_cache={"k": 300, "dtype": "float32"})
+    log = (cached / "run.log").read_text()
+    assert log.count("[distil] building the token cache") == 1
+    assert log.count("[distil] distilling from the token cache") == 1
+    assert len([p for p in (tmp_path / "teacher_caches").iterdir() if not p.name.startswith(".")]) == 1
+    c = load_stage_model(cached, "distil").state_dict()
+    for k in c:
+        assert torch.allclose(c[k], b[k], atol=1e-5, rtol=1e-4), (k, (c[k] - b[k]).abs().max())
