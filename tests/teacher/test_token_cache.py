@@ -53,8 +53,8 @@ def ds():
 
 def test_values_are_the_teachers_topk(tmp_path, teacher, ds):
     cache = TokenCache.build(teacher, ds, tmp_path / "c", k=16, batch_size=5, value_dtype="float32")
-    assert cache.manifest["id_dtype"] == np.dtype(np.uint16).str
-    assert cache.bytes_per_position == 16 * (2 + 4) + 4
+    assert cache.manifest["id_bits"] == 9  # V = 300 -> 9 bits, packed
+    assert cache.bytes_per_position == 16 * 9 // 8 + 16 * 4 + 4
     rows = torch.tensor([0, 5, 11, 3])
     batch = ds.collate(rows)
     lp = live_logprobs(teacher, batch)[batch.token_mask]
@@ -70,7 +70,7 @@ def test_values_are_the_teachers_topk(tmp_path, teacher, ds):
 def test_16bit_values(tmp_path, teacher, ds):
     for vd in ("float16", "bfloat16"):
         cache = TokenCache.build(teacher, ds, tmp_path / vd, k=8, value_dtype=vd)
-        assert cache.bytes_per_position == 8 * 4 + 2
+        assert cache.bytes_per_position == 9 + 8 * 2 + 2  # 8 ids of 9 bits in 9 bytes
         batch = ds.collate(torch.arange(4))
         lp = live_logprobs(teacher, batch)[batch.token_mask]
         _, vals, _, _ = cache.lookup(torch.arange(4))
@@ -144,6 +144,92 @@ def test_refusals(tmp_path, teacher, ds):
         TokenCache.open(tmp_path / "nothing")
 
 
+def data_bytes(path, fname):
+    """Bytes of a .npy file's array (its size less the header)."""
+    with open(path / fname, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
+        return (path / fname).stat().st_size - f.tell()
+
+
+@pytest.mark.parametrize("value_dtype, value_bits, curve, exact_k", [
+    ("float16", None, None, None), ("float32", 4, None, 3), ("bfloat16", 2, None, 1), ("float16", 5, None, 6),
+    ("float16", None, 4, 2), ("float32", None, 6, 1)])
+def test_encoded_lookup_and_bytes(tmp_path, teacher, ds, value_dtype, value_bits, curve, exact_k):
+    from kdistill.teacher.cache.bitpack import eval_curve, fit_curve, max_quantization_error
+
+    k = 8
+    cache = TokenCache.build(teacher, ds, tmp_path / "c", k=k, value_dtype=value_dtype, value_bits=value_bits,
+                             curve=curve, exact_k=exact_k)
+    m = cache.manifest
+    assert (m["format_version"], m["id_bits"], m["value_bits"], m["curve"], m["exact_k"]) == (
+        2, 9, value_bits, curve, exact_k)
+    # bytes_per_position is what the per-position files hold, divided by the positions
+    per_position = [f for f, info in m["files"].items() if info["role"] not in ("offsets", "lengths")]
+    extra = {"codes.npy", "low.npy"} if value_bits is not None else {"curve.npy"} if curve is not None else set()
+    assert set(per_position) == {"ids.npy", "logprobs.npy", "tail.npy"} | extra
+    stored = sum(data_bytes(cache.path, f) for f in per_position)
+    assert stored == cache.bytes_per_position * cache.num_positions
+    vb = {"float16": 2, "bfloat16": 2, "float32": 4}[value_dtype]
+    exact = k if exact_k is None else exact_k
+    rest = (-(-(k - exact) * value_bits // 8) + vb if value_bits is not None
+            else curve * vb if curve is not None else 0)
+    assert cache.bytes_per_position == 9 + exact * vb + rest + vb  # 8 ids of 9 bits: 9 bytes
+    # lookup: the teacher's top-k ids exactly, the exact values to the dtype, the codes within their bound
+    rows = torch.tensor([2, 0, 7])
+    batch = ds.collate(rows)
+    lp = live_logprobs(teacher, batch)[batch.token_mask]
+    want, want_ids = lp.topk(k, dim=-1)
+    ids, vals, tail, counts = cache.lookup(rows)
+    assert ids.dtype == torch.int64 and vals.dtype == torch.float32 and tail.dtype == torch.float32
+    assert torch.equal(ids, want_ids) and torch.equal(counts, batch.token_mask.sum(1))
+    rel = {"float16": 2**-11, "bfloat16": 2**-8, "float32": 2**-24}[value_dtype]
+    assert torch.allclose(vals[:, :exact].double(), want[:, :exact], rtol=2 * rel, atol=1e-5)
+    if value_bits is not None:
+        tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[value_dtype]
+        low = torch.from_numpy(np.load(cache.path / "low.npy").view(np.int16)).view(torch.bfloat16) \
+            if value_dtype == "bfloat16" else torch.from_numpy(np.load(cache.path / "low.npy")).to(tdt)
+        start = cache._offsets[rows]
+        lows = torch.cat([low[int(s):int(s) + int(c)] for s, c in zip(start, counts)])
+        bound = max_quantization_error(vals[:, exact - 1].double(), lows.double(), value_bits, tdt)
+        err = (vals[:, exact:].double() - want[:, exact:]).abs().amax(-1)
+        assert torch.all(err <= bound + 2 * rel * want.abs().amax(-1) + 1e-5)
+    if curve is not None:  # the stored coefficients are the rounded fit of the teacher's values
+        tdt = {"float16": torch.float16, "float32": torch.float32}[value_dtype]
+        want_rest = eval_curve(fit_curve(want[:, exact:], curve, tdt), k - exact)
+        assert torch.allclose(vals[:, exact:], want_rest, atol=1e-5)
+        assert float((vals[:, exact:].double() - want[:, exact:]).abs().mean()) < 0.1
+    want_tail = torch.logsumexp(lp.scatter(-1, want_ids, -float("inf")), -1)
+    assert torch.allclose(tail.double(), want_tail, rtol=2 * rel, atol=1e-5)
+    # the served distribution stays close to the float one
+    full = TokenCache.build(teacher, ds, tmp_path / "f", k=k, value_dtype="float32")
+    assert abs(kl_full_vs_rebuilt(cache, teacher, ds) - kl_full_vs_rebuilt(full, teacher, ds)) < 0.05
+
+
+def test_other_encoding_and_old_format_refused(tmp_path, teacher, ds):
+    path = tmp_path / "c"
+    TokenCache.build(teacher, ds, path, k=8, value_bits=4)
+    TokenCache.build(teacher, ds, path, k=8, value_bits=4, exact_k=4)  # the same settings: opened
+    with pytest.raises(CacheMismatchError, match="value_bits"):
+        TokenCache.build(teacher, ds, path, k=8)
+    with pytest.raises(CacheMismatchError, match="exact_k"):
+        TokenCache.build(teacher, ds, path, k=8, value_bits=4, exact_k=2)
+    with pytest.raises(CacheMismatchError, match="curve"):
+        TokenCache.build(teacher, ds, path, k=8, curve=4)
+    with pytest.raises(ValueError, match="exact_k applies to value codes or a curve only"):
+        TokenCache.build(teacher, ds, path, k=8, exact_k=2)
+    # a cache of format version 1 (ids as uint16, no bit packing): refused, rebuilt with overwrite
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="format version 1.*reads version 2.*rebuild it"):
+        TokenCache.open(path)
+    with pytest.raises(CacheError, match="rebuild it"):
+        TokenCache.build(teacher, ds, path, k=8, value_bits=4)
+    cache = TokenCache.build(teacher, ds, path, k=8, value_bits=4, overwrite=True)
+    assert cache.manifest["format_version"] == 2
+
+
 class Crashing(torch.nn.Module):
     """Wraps a model; raises on the ``after``-th forward."""
 
@@ -158,18 +244,21 @@ class Crashing(torch.nn.Module):
         return self.model(**kw)
 
 
-def test_killed_build_resumes(tmp_path, teacher, ds):
-    ref = TokenCache.build(teacher, ds, tmp_path / "ref", k=8, batch_size=3)
+@pytest.mark.parametrize("value_bits", [None, 3])
+def test_killed_build_resumes(tmp_path, teacher, ds, value_bits):
+    ref = TokenCache.build(teacher, ds, tmp_path / "ref", k=8, batch_size=3, value_bits=value_bits)
     wrapped = Crashing(teacher, after=2)
     with pytest.raises(KeyboardInterrupt):
-        TokenCache.build(wrapped, ds, tmp_path / "c", k=8, batch_size=3)
+        TokenCache.build(wrapped, ds, tmp_path / "c", k=8, batch_size=3, value_bits=value_bits)
     assert not (tmp_path / "c").exists()
     progress = json.loads(next(tmp_path.glob("c.tmp-*")).joinpath("progress.json").read_text())
     assert progress["rows_done"] == 6
     wrapped.after, wrapped.calls = None, 0
-    cache = TokenCache.build(wrapped, ds, tmp_path / "c", k=8, batch_size=3)
+    cache = TokenCache.build(wrapped, ds, tmp_path / "c", k=8, batch_size=3, value_bits=value_bits)
     assert wrapped.calls == 2  # only the 6 sequences left: two batches
-    for f in ("ids.npy", "logprobs.npy", "tail.npy", "offsets.npy"):
+    files = set(cache.manifest["files"])
+    assert ("codes.npy" in files) == (value_bits is not None)
+    for f in files:
         assert np.array_equal(np.load(tmp_path / "c" / f), np.load(tmp_path / "ref" / f))
     assert cache.manifest["dataset"]["fingerprint"] == ref.manifest["dataset"]["fingerprint"]
     assert not list(tmp_path.glob("c.tmp-*"))

@@ -11,11 +11,17 @@ from the stored entries, so every token loss works unchanged.
 Layout of a cache directory (``P`` stored positions, ``N`` sequences)::
 
     path/
-      manifest.json    fingerprints, vocab size, k, dtypes, counts, a checksum of every file
-      ids.npy          (P, k) token ids, uint8 / uint16 / uint32 (smallest that holds V)
+      manifest.json    fingerprints, vocab size, k, encodings, counts, a checksum of every file
+      ids.npy          (P, ceil(k * b / 8)) uint8: the k token ids bit-packed, b = ceil(log2 V)
       logprobs.npy     (P, k) their log-probabilities at T=1, descending (float16,
-                       bfloat16 as raw uint16 bits, or float32)
-      tail.npy         (P,) log(1 - sum of the k probabilities), same dtype (-inf: no tail)
+                       bfloat16 as raw uint16 bits, or float32); with ``value_bits``:
+                       or ``curve``: (P, exact_k), the first exact_k of them
+      codes.npy        (P, ceil((k - exact_k) * value_bits / 8)) uint8, ``value_bits`` only:
+                       the other log-probabilities as value_bits-bit codes, bit-packed
+      low.npy          (P,) ``value_bits`` only: the low end of the codes' grid (value dtype)
+      curve.npy        (P, curve) ``curve`` only: the coefficients of a least-squares curve in
+                       the rank through the other log-probabilities (value dtype)
+      tail.npy         (P,) log(1 - sum of the k probabilities), value dtype (-inf: no tail)
       offsets.npy      (N + 1,) int64: sequence i's positions are rows offsets[i]:offsets[i+1]
       lengths.npy      (N,) int32: sequence i's length in tokens (checked at serving)
 
@@ -41,10 +47,11 @@ from torch import nn
 from ..outputs import Batch, Outputs
 from .base import Teacher
 from .cache.build import COMMIT_INTERVAL_S, _build_lock, _claim_temp, _commit, _publish
-from .cache.format import (MANIFEST, TOKEN_FORMAT, TOKEN_FORMAT_VERSION, TOKEN_VALUE_DTYPES, CacheError,
-                           CacheMismatchError, decode_token_values, encode_token_values, file_sha256,
-                           read_token_manifest, teacher_fingerprint, teacher_module, token_data_fingerprint,
-                           token_id_dtype, verify_checksums)
+from .cache.bitpack import CURVE_TERMS, bits_for
+from .cache.format import (MANIFEST, TOKEN_FORMAT, TOKEN_FORMAT_VERSION, CacheError, CacheMismatchError,
+                           check_token_values, decode_token_rows, encode_token_rows, file_sha256, read_token_manifest,
+                           teacher_fingerprint, teacher_module, token_data_fingerprint, token_layout, token_row_bytes,
+                           verify_checksums)
 
 #: How the rebuilt distribution treats the mass outside the stored top k.
 TAIL_MODES = ("renormalize", "bucket", "uniform")
@@ -176,7 +183,8 @@ class TokenCache(Teacher):
 
     @property
     def bytes_per_position(self) -> float:
-        """Bytes stored per trained-on position (ids, values, tail; offsets excluded)."""
+        """Bytes stored per trained-on position (packed ids, values or codes and their
+        range, tail; the per-sequence offsets and lengths and the ``.npy`` headers excluded)."""
         return float(self.manifest["bytes_per_position"])
 
     def __repr__(self) -> str:
@@ -186,7 +194,8 @@ class TokenCache(Teacher):
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, teacher_model: nn.Module, dataset: Any, path: str | os.PathLike, *, k: int = 64,
-              value_dtype: str = "float16", batch_size: int = 16, tail: str = "bucket",
+              value_dtype: str = "float16", value_bits: int | None = None, curve: int | None = None,
+              exact_k: int | None = None, batch_size: int = 16, tail: str = "bucket",
               device: str | torch.device | None = None, overwrite: bool = False,
               resume: bool = True) -> "TokenCache":
         """Run ``teacher_model`` over every sequence of ``dataset`` and store its top-k
@@ -206,7 +215,22 @@ class TokenCache(Teacher):
             path: the cache directory to create.
             k: tokens kept per position, ``1 <= k <= V``.
             value_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the
-                log-probabilities and the tail.
+                log-probabilities and the tail (with ``value_bits``: for each row's range
+                and the tail).
+            value_bits: ``None`` (default): every log-probability is stored in
+                ``value_dtype``. An integer ``1..16``: the top ``exact_k`` are, and the
+                other ``k - exact_k`` are stored as ``value_bits``-bit codes on a linear
+                grid from the last exact one down to the row's smallest value
+                (:func:`~kdistill.teacher.cache.bitpack.quantize_between`: each within half
+                a grid step). Token ids are always bit-packed to ``ceil(log2 V)`` bits.
+            curve: ``None`` (default), or an integer ``1..7``: the top ``exact_k``
+                log-probabilities are stored in ``value_dtype`` and the other ``k - exact_k``
+                as the ``curve`` coefficients (``value_dtype``) of their least-squares fit in
+                the rank (:func:`~kdistill.teacher.cache.bitpack.fit_curve`; sorted
+                log-probabilities lie on a smooth curve, so 4 to 6 terms rebuild them
+                closely: see ``docs/token_cache.md``). Not together with ``value_bits``.
+            exact_k: with ``value_bits`` or ``curve``, how many of the top log-probabilities
+                are kept in ``value_dtype`` (``1 <= exact_k <= k``; default ``min(4, k)``).
             batch_size: sequences per teacher forward.
             tail: the tail mode the returned cache serves with (not stored; any mode can
                 be chosen at :meth:`open`).
@@ -215,18 +239,19 @@ class TokenCache(Teacher):
             resume: continue an interrupted build of the same teacher, data and settings.
 
         Raises:
-            ValueError: a bad ``k``, ``value_dtype`` or ``batch_size``; NaN logits.
+            ValueError: a bad ``k``, ``value_dtype``, ``value_bits``, ``curve``, ``exact_k`` or
+                ``batch_size``; NaN logits.
             CacheMismatchError: ``path`` holds another cache and ``overwrite`` is false.
         """
         _check_k(k)
         _check_tail(tail)
-        if value_dtype not in TOKEN_VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(TOKEN_VALUE_DTYPES)}, got {value_dtype!r}")
+        exact_k = check_token_values(k, value_dtype, value_bits, exact_k, curve)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         path = Path(path)
         with _build_lock(path):
-            _build(teacher_model, dataset, path, k=k, value_dtype=value_dtype, batch_size=batch_size,
+            _build(teacher_model, dataset, path, k=k, value_dtype=value_dtype, value_bits=value_bits,
+                   curve=curve, exact_k=exact_k, batch_size=batch_size,
                    device=device, overwrite=overwrite, resume=resume)
         return cls.open(path, tail=tail, verify=False)
 
@@ -328,10 +353,9 @@ class TokenCache(Teacher):
         total = int(counts.sum())
         within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         rows = (torch.repeat_interleave(starts, counts) + within).numpy()
-        vd = self.manifest["value_dtype"]
-        ids = torch.from_numpy(np.asarray(self._arrays["ids.npy"][rows]).astype(np.int64))
-        lp = decode_token_values(self._arrays["logprobs.npy"][rows], vd)
-        tail = decode_token_values(self._arrays["tail.npy"][rows], vd)
+        m = self.manifest
+        ids, lp, tail = decode_token_rows(self._arrays, rows, self.k, self.vocab_size, m["value_dtype"],
+                                          m["value_bits"], m["exact_k"], m["curve"])
         return ids, lp, tail, counts
 
     def __call__(self, batch: Batch) -> Outputs:
@@ -378,8 +402,9 @@ def _data_fingerprint(dataset: Any) -> str:
     return token_data_fingerprint(dataset.tokens, dataset.offsets, dataset.trained)
 
 
-def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_dtype: str, batch_size: int,
-           device: Any, overwrite: bool, resume: bool) -> None:
+def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_dtype: str,
+           value_bits: int | None, curve: int | None, exact_k: int | None, batch_size: int, device: Any,
+           overwrite: bool, resume: bool) -> None:
     from .live import LiveTeacher
     from ..runtime import get_device
 
@@ -405,6 +430,9 @@ def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_
         "num_sequences": n,
         "k": k,
         "value_dtype": value_dtype,
+        "value_bits": value_bits,
+        "curve": curve,
+        "exact_k": exact_k,
     }
 
     # an existing cache: the same one is kept, another needs overwrite
@@ -462,13 +490,7 @@ def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_
                 if vocab is None:
                     vocab = int(logits.shape[-1])
                     _check_k(k, vocab)
-                    layout = {
-                        "ids.npy": {"role": "topk_ids", "dtype": token_id_dtype(vocab).str, "shape": [k]},
-                        "logprobs.npy": {"role": "topk_logprobs",
-                                         "dtype": np.dtype(TOKEN_VALUE_DTYPES[value_dtype]).str, "shape": [k]},
-                        "tail.npy": {"role": "tail_logmass",
-                                     "dtype": np.dtype(TOKEN_VALUE_DTYPES[value_dtype]).str, "shape": []},
-                    }
+                    layout = token_layout(k, vocab, value_dtype, value_bits, exact_k, curve)
                     arrays = {f: np.lib.format.open_memmap(tmp / f, mode="w+", dtype=np.dtype(info["dtype"]),
                                                            shape=(total, *info["shape"]))
                               for f, info in layout.items()}
@@ -480,9 +502,9 @@ def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_
                 if ids.shape[0] != b - a:
                     raise ValueError(f"sequences {done}..{stop - 1}: {ids.shape[0]} trained-on positions, "
                                      f"expected {b - a}")
-                arrays["ids.npy"][a:b] = ids.numpy().astype(arrays["ids.npy"].dtype)
-                arrays["logprobs.npy"][a:b] = encode_token_values(lp, value_dtype)
-                arrays["tail.npy"][a:b] = encode_token_values(tail, value_dtype)
+                for fname, rows in encode_token_rows(ids, lp, tail, vocab, value_dtype, value_bits, exact_k,
+                                                     curve).items():
+                    arrays[fname][a:b] = rows
                 done = stop
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     _commit(tmp, arrays, key, layout, [vocab], done)
@@ -512,14 +534,12 @@ def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_
     np.save(tmp / "offsets.npy", offsets.numpy(), allow_pickle=False)
     np.save(tmp / "lengths.npy", dataset.lengths.numpy().astype(np.int32), allow_pickle=False)
     files = {}
-    for fname in ("ids.npy", "logprobs.npy", "tail.npy", "offsets.npy", "lengths.npy"):
+    for fname in (*layout, "offsets.npy", "lengths.npy"):
         f = tmp / fname
         mm = np.load(f, mmap_mode="r")
         files[fname] = {"role": layout.get(fname, {}).get("role", fname[:-4]), "dtype": mm.dtype.str,
                         "shape": list(mm.shape), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
         del mm
-    id_bytes = np.dtype(layout["ids.npy"]["dtype"]).itemsize
-    val_bytes = np.dtype(layout["logprobs.npy"]["dtype"]).itemsize
     from .. import __version__
 
     manifest = {
@@ -529,14 +549,31 @@ def _build(teacher_model: nn.Module, dataset: Any, path: Path, *, k: int, value_
         "dataset": {"fingerprint": key["dataset"], "num_tokens": dataset.num_tokens, "pad_id": dataset.pad_id},
         "vocab_size": vocab,
         "tokenizer": {"vocab_size": vocab},
-        "id_dtype": layout["ids.npy"]["dtype"],
+        "id_bits": bits_for(vocab),
+        "ids": f"ids.npy[p] = the k ids, {bits_for(vocab)} bits each, bit-packed least significant bit first "
+               f"(id j starts at bit j * {bits_for(vocab)} of the row)",
+        "values": _values_description(k, value_dtype, value_bits, exact_k, curve),
         "num_positions": total,
-        "bytes_per_position": k * (id_bytes + val_bytes) + val_bytes,
+        "bytes_per_position": token_row_bytes(layout),
         "tail": "tail.npy[p] = log(1 - sum of the k stored probabilities) at T=1, computed as the log-sum-exp "
                 "of the other V-k log-probabilities (-inf when k = V)",
         "files": files,
     }
     _publish(tmp, path, manifest, replace=replace)
+
+
+def _values_description(k: int, value_dtype: str, value_bits: int | None, exact_k: int | None,
+                        curve: int | None) -> str:
+    if exact_k is None or exact_k == k:
+        return f"logprobs.npy[p] = the k log-probabilities at T=1, descending, as {value_dtype}"
+    head = f"logprobs.npy[p] = the first {exact_k} log-probabilities at T=1, descending, as {value_dtype}; "
+    if curve is not None:
+        return head + (f"the other n = {k - exact_k} are curve.npy[p] @ B.T, B the (n, {curve}) orthonormal basis "
+                       f"made by Gram-Schmidt, in order, of {list(CURVE_TERMS[:curve])} over ranks t = 0..n-1, "
+                       "x = t / (n - 1) (kdistill.teacher.cache.bitpack.curve_basis)")
+    return head + (f"codes.npy[p] = {value_bits}-bit codes c_j of the other {k - exact_k} (bit-packed like the ids): "
+                   f"value_j = top - c_j * (top - low) / {2 ** value_bits - 1}, top = logprobs.npy[p, -1], "
+                   f"low = low.npy[p] ({value_dtype})")
 
 
 def _reopen(tmp: Path, progress: dict, total: int, k: int) -> dict[str, np.ndarray] | None:

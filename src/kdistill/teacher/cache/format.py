@@ -386,11 +386,16 @@ def verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
 #: shares the manifest's ``files`` / checksum scheme with the teacher cache above.
 TOKEN_FORMAT = "kdistill-token-cache"
 
-TOKEN_FORMAT_VERSION = 1
+#: Version 2: token ids bit-packed to ``ceil(log2 V)`` bits, log-probabilities optionally
+#: as low-bit codes (version 1 stored ids as uint8/16/32 and values as floats only).
+TOKEN_FORMAT_VERSION = 2
 
-#: 16-bit (or 32-bit) storage of a token cache's log-probabilities. numpy has no bfloat16:
-#: it is stored as the raw uint16 bit pattern and viewed back as ``torch.bfloat16``.
+#: 16-bit (or 32-bit) storage of a token cache's log-probabilities (and, with value codes,
+#: of each row's range and the tail). numpy has no bfloat16: it is stored as the raw
+#: uint16 bit pattern and viewed back as ``torch.bfloat16``.
 TOKEN_VALUE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+_TORCH_VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def token_id_dtype(vocab_size: int) -> np.dtype:
@@ -400,6 +405,127 @@ def token_id_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 2**16:
         return np.dtype(np.uint16)
     return np.dtype(np.uint32)
+
+
+#: With ``value_bits`` or ``curve`` and no ``exact_k`` given, this many of the top
+#: log-probabilities of each position are kept in the value dtype (the rest become codes
+#: or a curve).
+DEFAULT_EXACT_K = 4
+
+
+def check_token_values(k: int, value_dtype: str, value_bits: Any, exact_k: Any, curve: Any = None) -> int | None:
+    """The ``exact_k`` a token cache is built with (``None`` for float values), after
+    checking ``value_dtype``, ``value_bits``, ``curve`` and ``exact_k``.
+
+    Raises:
+        ValueError: naming the bad argument.
+    """
+    if value_dtype not in TOKEN_VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be one of {sorted(TOKEN_VALUE_DTYPES)}, got {value_dtype!r}")
+
+    def positive_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    from .bitpack import CURVE_TERMS
+
+    if value_bits is not None and curve is not None:
+        raise ValueError("value_bits and curve are two encodings of the same values: pass one of them")
+    if value_bits is None and curve is None:
+        if exact_k is not None:
+            raise ValueError("exact_k applies to value codes or a curve only: pass value_bits or curve too, or "
+                             "leave exact_k None (then every log-probability is kept in value_dtype)")
+        return None
+    if value_bits is not None and (not positive_int(value_bits) or value_bits > 16):
+        raise ValueError(f"value_bits must be None (values in value_dtype) or an integer in [1, 16], "
+                         f"got {value_bits!r}")
+    if curve is not None and (not positive_int(curve) or curve > len(CURVE_TERMS)):
+        raise ValueError(f"curve must be None or the number of terms of the rank curve, 1 to {len(CURVE_TERMS)}, "
+                         f"got {curve!r}")
+    if exact_k is None:
+        return min(DEFAULT_EXACT_K, k)
+    if not positive_int(exact_k) or exact_k > k:
+        raise ValueError(f"exact_k must be an integer in [1, k={k}] (the top log-probabilities kept in "
+                         f"value_dtype), got {exact_k!r}")
+    return exact_k
+
+
+def token_layout(k: int, vocab_size: int, value_dtype: str, value_bits: int | None = None,
+                 exact_k: int | None = None, curve: int | None = None) -> dict[str, dict[str, Any]]:
+    """The per-position files of a token cache: ``{file: {"role", "dtype", "shape" (per row)}}``.
+
+    - ``ids.npy``: the ``k`` ids bit-packed to ``ceil(log2 V)`` bits each (uint8 bytes);
+    - ``logprobs.npy``: the ``k`` log-probabilities in ``value_dtype``, or with
+      ``value_bits`` or ``curve`` only the first ``exact_k`` of them;
+    - ``codes.npy`` and ``low.npy`` (``value_bits``, when ``exact_k < k``): the other
+      ``k - exact_k`` as ``value_bits``-bit codes, packed, and the low end of their grid
+      (``value_dtype``);
+    - ``curve.npy`` (``curve``, when ``exact_k < k``): the ``curve`` coefficients of the
+      other ``k - exact_k`` (``value_dtype``);
+    - ``tail.npy``: the log tail mass, ``value_dtype``.
+    """
+    from .bitpack import bits_for, packed_bytes
+
+    vdt = np.dtype(TOKEN_VALUE_DTYPES[value_dtype]).str
+    u8 = np.dtype(np.uint8).str
+    layout = {"ids.npy": {"role": "topk_ids_packed", "dtype": u8, "shape": [packed_bytes(k, bits_for(vocab_size))]}}
+    exact = k if exact_k is None else exact_k
+    layout["logprobs.npy"] = {"role": "topk_logprobs", "dtype": vdt, "shape": [exact]}
+    if exact < k and curve is not None:
+        layout["curve.npy"] = {"role": "logprob_curve", "dtype": vdt, "shape": [curve]}
+    elif exact < k:
+        layout["codes.npy"] = {"role": "topk_logprob_codes", "dtype": u8,
+                               "shape": [packed_bytes(k - exact, value_bits)]}
+        layout["low.npy"] = {"role": "logprob_code_low", "dtype": vdt, "shape": []}
+    layout["tail.npy"] = {"role": "tail_logmass", "dtype": vdt, "shape": []}
+    return layout
+
+
+def token_row_bytes(layout: dict[str, dict[str, Any]]) -> int:
+    """Bytes stored per position by the files of :func:`token_layout`."""
+    return sum(int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
+               for info in layout.values())
+
+
+def encode_token_rows(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int,
+                      value_dtype: str, value_bits: int | None = None, exact_k: int | None = None,
+                      curve: int | None = None) -> dict[str, np.ndarray]:
+    """One batch of top-k rows (ids ``(P, k)``, descending log-probabilities ``(P, k)``,
+    tail ``(P,)``) as the arrays of :func:`token_layout`."""
+    from .bitpack import bits_for, fit_curve, pack_bits, quantize_between
+
+    k = logprobs.shape[-1]
+    exact = k if exact_k is None else exact_k
+    out = {"ids.npy": pack_bits(ids, bits_for(vocab_size)),
+           "logprobs.npy": encode_token_values(logprobs[..., :exact], value_dtype)}
+    if exact < k and curve is not None:
+        out["curve.npy"] = encode_token_values(fit_curve(logprobs[..., exact:], curve,
+                                                         _TORCH_VALUE_DTYPES[value_dtype]), value_dtype)
+    elif exact < k:
+        top = decode_token_values(out["logprobs.npy"][..., -1], value_dtype)  # the grid starts where stored
+        codes, low = quantize_between(logprobs[..., exact:], top, value_bits, _TORCH_VALUE_DTYPES[value_dtype])
+        out["codes.npy"] = pack_bits(codes, value_bits)
+        out["low.npy"] = encode_token_values(low, value_dtype)
+    out["tail.npy"] = encode_token_values(tail, value_dtype)
+    return out
+
+
+def decode_token_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, vocab_size: int,
+                      value_dtype: str, value_bits: int | None = None, exact_k: int | None = None,
+                      curve: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of a token cache's arrays -> ``(ids (R, k) int64, logprobs (R, k)
+    float32, tail (R,) float32)`` (inverse of :func:`encode_token_rows`)."""
+    from .bitpack import bits_for, dequantize_between, eval_curve, unpack_bits
+
+    ids = torch.from_numpy(unpack_bits(np.asarray(arrays["ids.npy"][rows]), bits_for(vocab_size), k))
+    lp = decode_token_values(arrays["logprobs.npy"][rows], value_dtype)
+    exact = k if exact_k is None else exact_k
+    if exact < k and curve is not None:
+        lp = torch.cat([lp, eval_curve(decode_token_values(arrays["curve.npy"][rows], value_dtype), k - exact)], 1)
+    elif exact < k:
+        codes = unpack_bits(np.asarray(arrays["codes.npy"][rows]), value_bits, k - exact)
+        low = decode_token_values(arrays["low.npy"][rows], value_dtype)
+        lp = torch.cat([lp, dequantize_between(codes, lp[:, -1], low, value_bits)], dim=1)
+    return ids, lp, decode_token_values(arrays["tail.npy"][rows], value_dtype)
 
 
 def token_data_fingerprint(tokens: torch.Tensor, offsets: torch.Tensor, trained: torch.Tensor) -> str:
@@ -453,9 +579,10 @@ def read_token_manifest(path: Path) -> dict[str, Any]:
                          "a TeacherCache is opened with TeacherCache.open")
     if manifest.get("format_version") != TOKEN_FORMAT_VERSION:
         raise CacheError(f"token cache {path} has format version {manifest.get('format_version')!r}, this kdistill "
-                         f"reads version {TOKEN_FORMAT_VERSION}: rebuild it")
-    needed = ("teacher", "dataset", "vocab_size", "k", "value_dtype", "id_dtype", "num_sequences",
-              "num_positions", "bytes_per_position", "files")
+                         f"reads version {TOKEN_FORMAT_VERSION} (bit-packed ids, optional value codes): rebuild it "
+                         "(TokenCache.build(..., overwrite=True))")
+    needed = ("teacher", "dataset", "vocab_size", "k", "value_dtype", "value_bits", "curve", "exact_k", "id_bits",
+              "num_sequences", "num_positions", "bytes_per_position", "files")
     missing = [key for key in needed if key not in manifest]
     if missing:
         raise CacheError(f"the manifest {f} lacks {missing}; it is damaged: rebuild the cache")
