@@ -14,15 +14,16 @@
      ``softmax(rebuilt / T)``), and the reverse ``KL(rebuilt || teacher)`` (finite for
      ``renormalize``, whose forward KL is dominated by the floor put on the tail); the
      mean absolute error of the rebuilt tail mass at each T (the tail approximation);
-3. Serving: the median time of ``TokenCache.__call__`` on one batch (the rebuild of the
-   dense ``(B, T, V)`` logits).
+3. Serving: the median time of ``TokenCache.__call__`` on one batch (lookup and the
+   sparse rows), and of that plus building the dense ``(B, T, V)`` logits.
 4. Throughput, for each student size in ``--students`` (``HIDDENxLAYERS``): a student
-   trained on the same blocks, alternately (a) plain next-token
-   training with ``Trainer`` and (b) ``Distiller(student, teacher=TokenCache.open(...))``
-   with ``TokenKLLoss`` (alpha 0.5, k = ``--throughput-k``, tail ``bucket``), each run
-   ``--throughput-sequences`` sequences (one epoch, the same order), ``--repeats`` runs of
-   each in the order a, b, a, b, ...; trained tokens per second of every run, the median of
-   each arm and their ratio.
+   trained on the same blocks, in turn (a) plain next-token training with ``Trainer``,
+   (b) ``Distiller(student, teacher=TokenCache.open(...))`` with ``TokenKLLoss`` (alpha
+   0.5, k = ``--throughput-k``, tail ``bucket``): the cache served sparse, as it is, and
+   (c) the same with the cache's outputs made dense before the loss sees them (what a
+   loss without a sparse form gets), each run ``--throughput-sequences`` sequences (one
+   epoch, the same order), ``--repeats`` rounds of a, b, c; trained tokens per second of
+   every run, the median of each arm and the ratios to plain training.
 
     OMP_NUM_THREADS=2 python benchmarks/token_cache.py [--out benchmarks/results/token_cache_cpu.json]
 """
@@ -47,8 +48,9 @@ from kdistill import Distiller, Trainer  # noqa: E402
 from kdistill.atomic import atomic_write_text  # noqa: E402
 from kdistill.data.text import pack_texts, python_source_corpus, train_tokenizer  # noqa: E402
 from kdistill.losses.tokens import TokenKLLoss  # noqa: E402
+from kdistill.outputs import Outputs  # noqa: E402
 from kdistill.runtime import machine_description  # noqa: E402
-from kdistill.teacher import TokenCache  # noqa: E402
+from kdistill.teacher import Teacher, TokenCache  # noqa: E402
 from kdistill.teacher.token_cache import TAIL_MODES  # noqa: E402
 
 
@@ -87,6 +89,16 @@ def fidelity(cache: TokenCache, teacher, ds, n_eval: int, temperatures: list[flo
     return out
 
 
+class DenseServed(Teacher):
+    """A token cache whose outputs are handed on as dense ``(B, T, V)`` logits."""
+
+    def __init__(self, cache: TokenCache):
+        self.cache = cache
+
+    def __call__(self, batch) -> Outputs:
+        return Outputs(self.cache(batch).logits)
+
+
 def run_arm(arm: str, student_init: dict, args, ds, cache_path: Path | None, size: tuple[int, int]) -> dict:
     student = llama(len(student_init["lm_head.weight"]), size[0], size[1], args.block, seed=1)
     student.load_state_dict(student_init)
@@ -94,7 +106,8 @@ def run_arm(arm: str, student_init: dict, args, ds, cache_path: Path | None, siz
         trainer = Trainer(student)
         trainer.compile(optimizer="adamw", learning_rate=1e-3)
     else:
-        trainer = Distiller(student, teacher=TokenCache.open(cache_path, tail="bucket", verify=False))
+        cache = TokenCache.open(cache_path, tail="bucket", verify=False)
+        trainer = Distiller(student, teacher=cache if arm == "cached" else DenseServed(cache))
         trainer.compile(optimizer="adamw", learning_rate=1e-3, alpha=0.5, distillation_loss_fn=TokenKLLoss())
     t0 = time.perf_counter()
     trainer.fit(ds, epochs=1, batch_size=args.batch_size, shuffle=False, verbose=0)
@@ -170,26 +183,34 @@ def main() -> None:
         results["throughput"] = {}
         served = TokenCache.open(cache_path, tail="bucket")
         batch = sub.collate(torch.arange(args.batch_size))
-        serve = []
+        serve, dense = [], []
         for _ in range(20):
             t0 = time.perf_counter()
-            served(batch)
+            out = served(batch)
             serve.append(time.perf_counter() - t0)
+            out.logits
+            dense.append(time.perf_counter() - t0)
         results["serve_ms_per_batch"] = statistics.median(serve) * 1e3
+        results["serve_dense_ms_per_batch"] = statistics.median(dense) * 1e3
         for spec in args.students:
             size = tuple(int(v) for v in spec.split("x"))
             init = llama(vocab, size[0], size[1], args.block, seed=1).state_dict()
-            runs = {"plain": [], "cached_distillation": []}
-            run_arm("plain", init, args, sub.select(torch.arange(16)), None, size)  # warm-up, not counted
+            arms = {"plain": "plain", "cached_distillation": "cached", "cached_distillation_dense": "dense"}
+            runs = {name: [] for name in arms}
+            for arm in arms.values():  # warm-up, not counted
+                run_arm(arm, init, args, sub.select(torch.arange(16)), cache_path, size)
             for _ in range(args.repeats):
-                runs["plain"].append(run_arm("plain", init, args, sub, None, size))
-                runs["cached_distillation"].append(run_arm("cached", init, args, sub, cache_path, size))
+                for name, arm in arms.items():
+                    runs[name].append(run_arm(arm, init, args, sub, cache_path, size))
                 print(spec, {a: round(r[-1]["tokens_per_s"]) for a, r in runs.items()}, flush=True)
             med = {a: statistics.median(r["tokens_per_s"] for r in rs) for a, rs in runs.items()}
             params = sum(v.numel() for v in init.values())
-            results["throughput"][spec] = {"student_parameters": params, "runs": runs, "median_tokens_per_s": med,
-                                           "ratio_cached_over_plain": med["cached_distillation"] / med["plain"]}
-            print(f"{spec}: throughput ratio {results['throughput'][spec]['ratio_cached_over_plain']:.3f}", flush=True)
+            results["throughput"][spec] = {
+                "student_parameters": params, "runs": runs, "median_tokens_per_s": med,
+                "ratio_cached_over_plain": med["cached_distillation"] / med["plain"],
+                "ratio_cached_dense_over_plain": med["cached_distillation_dense"] / med["plain"]}
+            print(f"{spec}: throughput ratio {results['throughput'][spec]['ratio_cached_over_plain']:.3f} "
+                  f"(dense {results['throughput'][spec]['ratio_cached_dense_over_plain']:.3f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["anchors"] = {"distillkit_bytes_per_token": {"k=128": 300, "k=50 (compressed)": 114}}

@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
@@ -464,8 +465,15 @@ class Trainer:
             out = self._checked_forward(model, inputs)
         return out.float()
 
-    def supervised_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    def supervised_loss(self, logits: torch.Tensor, batch: Batch, *,
+                        log_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """The hard-label loss over the labelled samples of ``batch``.
+
+        Args:
+            logits: the model's scores.
+            batch: the batch with its targets.
+            log_probs: token batches: ``log_softmax(logits / train_temperature)`` when it is
+                already computed, for the default cross-entropy to read (the same numbers).
 
         Returns:
             ``(loss, n_labelled)``; the loss is ``0`` (no gradient) when nothing is labelled.
@@ -473,7 +481,7 @@ class Trainer:
         if batch.targets is None:
             raise ValueError("training needs labels: pass y to fit, or a dataset that yields (inputs, targets)")
         if logits.dim() > 2 and batch.targets.dim() > 1:
-            return self._token_loss(logits, batch)
+            return self._token_loss(logits, batch, log_probs)
         if batch.mix is not None:  # mixup / cutmix: both labels, weighted by the mix
             both = (batch.targets != UNLABELLED) & (batch.mix.targets != UNLABELLED)
             n = int(both.sum())
@@ -522,9 +530,12 @@ class Trainer:
         this process still joins DDP's gradient all-reduce with the others."""
         return logits.new_zeros(()) if self._ddp is None else logits.sum() * 0.0
 
-    def _token_loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    def _token_loss(self, logits: torch.Tensor, batch: Batch,
+                    log_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """A sequence model's hard-label loss: the mean over the trained-on token positions
-        (``targets >= 0``) of ``loss_fn`` (cross-entropy by default, the next-token loss)."""
+        (``targets >= 0``) of ``loss_fn`` (cross-entropy by default, the next-token loss;
+        from ``log_probs`` when given: ``nll_loss(log_softmax(z))`` is PyTorch's
+        cross-entropy)."""
         targets = batch.targets
         if tuple(targets.shape) != tuple(logits.shape[:-1]):
             raise ValueError(
@@ -544,6 +555,8 @@ class Trainer:
                 raise ValueError(
                     f"a token target is {int(flat.max())} but the model scores {vocab} tokens: tokenise the data "
                     "with the model's own tokenizer (or build the model with vocab_size >= the tokenizer's)")
+            if log_probs is not None and fn.weight is None and fn.label_smoothing == 0.0:
+                return F.nll_loss(log_probs.reshape(-1, vocab), flat, ignore_index=IGNORE_INDEX), n
             return fn.forward(z.reshape(-1, vocab), flat), n
         return fn(z[mask], targets[mask]), n
 
@@ -1441,25 +1454,27 @@ class Distiller(Trainer):
         entries (the tokenizer's vocabulary; the rest is a head's padding)."""
         n = self.vocab_size
         for role, out in (("student", student), ("teacher", teacher)):
-            if out.logits.shape[-1] < n:
+            if out.shape[-1] < n:
                 raise ValueError(
-                    f"compile(vocab_size={n}) but the {role} scores only {out.logits.shape[-1]} tokens: "
+                    f"compile(vocab_size={n}) but the {role} scores only {out.shape[-1]} tokens: "
                     "vocab_size must be at most the smaller head (the tokenizer's vocabulary size)")
-        cut = lambda o: o if o.logits.shape[-1] == n else Outputs(o.logits[..., :n], o.features)  # noqa: E731
+        # (a sparse teacher is cut through its dense logits: its ids may lie in the padding)
+        cut = lambda o: o if o.shape[-1] == n else Outputs(o.logits[..., :n], o.features)  # noqa: E731
         return cut(student), cut(teacher)
 
     def _check_pair(self, student: Outputs, teacher: Outputs) -> None:
         """Once per fit: teacher and student must score the same classes."""
-        s, t = student.logits.shape[-1], teacher.logits.shape[-1]
-        if s != t and student.logits.dim() > 2:
-            check_vocabularies(student.logits, teacher.logits)  # raises, naming both vocabularies
+        # (shapes only: a sparse teacher's dense logits are never built for this)
+        s, t = student.shape[-1], teacher.shape[-1]
+        if s != t and len(student.shape) > 2:
+            check_vocabularies(student, teacher)  # raises, naming both vocabularies
         if s != t:
             raise ValueError(
                 f"teacher and student class counts differ: {self.teacher!r} "
                 f"predicts {t} classes and the student ({type(self.student).__name__}) {s}. "
                 f"Build the student with num_classes={t}."
             )
-        check_same_classes(student.logits, teacher.logits)
+        check_same_classes(student, teacher)
         self._pair_checked = True
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -1479,6 +1494,13 @@ class Distiller(Trainer):
         full_student = student_out.logits  # the student's own loss keeps its whole head
         if self.vocab_size is not None:
             student_out, teacher_out = self._same_vocabulary(student_out, teacher_out)
+        # a sparse teacher (a token cache): the student's log-probabilities computed once, here
+        # (with their graph, even when the label loss below runs without), for the label loss
+        # and a token loss at the same temperature
+        log_probs = None
+        if (teacher_out.topk is not None and student_out.logits is full_student and batch.targets is not None
+                and full_student.dim() > 2):
+            log_probs = student_out.log_probs(self.train_temperature)
         if not self._pair_checked:
             self._check_pair(student_out, teacher_out)
         # 3. the two loss terms; unlabelled samples add only the distillation term
@@ -1486,9 +1508,9 @@ class Distiller(Trainer):
             student_loss = full_student.new_zeros(())
         elif (self.alpha if self.label_loss_weight is None else self.label_loss_weight) == 0.0:
             with torch.no_grad():  # weighted 0: logged, never back-propagated (GKD-style distillation alone)
-                student_loss, _ = self.supervised_loss(full_student, batch)
+                student_loss, _ = self.supervised_loss(full_student, batch, log_probs=log_probs)
         else:
-            student_loss, _ = self.supervised_loss(full_student, batch)
+            student_loss, _ = self.supervised_loss(full_student, batch, log_probs=log_probs)
         # every loss reports its terms (one, or several: DKD's tckd/nckd, a WeightedSum's parts); they sum to it
         parts = distill.named_terms(student_out, teacher_out, batch)
         if len(parts) == 1:

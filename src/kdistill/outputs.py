@@ -189,15 +189,130 @@ class Batch:
         return None if bool(mask.all()) else mask
 
 
-@dataclass
+@dataclass(eq=False)
+class TopKLogits:
+    """A teacher's next-token scores at some token positions, given sparsely.
+
+    At each of the ``P`` positions where ``positions`` is true (in row-major order), the
+    ``k`` tokens ``ids[p]`` have the logits ``values[p]`` and every other token of the
+    ``vocab_size`` has the one logit ``fill[p]``: the form of a top-k cache's rebuilt
+    distribution (:class:`kdistill.teacher.TokenCache`), which token losses read without
+    building the ``(B, T, V)`` tensor (:mod:`kdistill.losses.tokens`). :meth:`dense` builds
+    it, for every other loss.
+
+    Attributes:
+        ids: ``(P, k)`` int64 token ids, distinct within a row.
+        values: ``(P, k)`` float32 logits of those tokens.
+        fill: ``(P,)`` float32 logit of each of the other ``vocab_size - k`` tokens.
+        positions: ``(B, T)`` bool, the positions the rows belong to; no scores elsewhere.
+        vocab_size: ``V``.
+    """
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    fill: torch.Tensor
+    positions: torch.Tensor
+    vocab_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the dense logits, ``(B, T, V)``."""
+        return torch.Size((*self.positions.shape, self.vocab_size))
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
+
+    def dense(self) -> torch.Tensor:
+        """``(B, T, V)`` float32 logits: the rows at ``positions``, zeros elsewhere."""
+        flat = self.positions.reshape(-1)
+        where = torch.nonzero(flat).squeeze(1)
+        fills = self.fill.new_zeros(flat.numel())
+        fills[where] = self.fill
+        logits = fills.unsqueeze(1).expand(flat.numel(), self.vocab_size).clone()
+        logits[where.unsqueeze(1), self.ids] = self.values
+        return logits.view(*self.shape)
+
+    def rows_of(self, flat_positions: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows holding the given flat positions (indices into ``positions.reshape(-1)``);
+        ``None`` for all positions when they are exactly the stored ones.
+
+        Raises:
+            ValueError: a position that holds no row (the teacher gave no scores there).
+        """
+        flat = self.positions.reshape(-1)
+        if flat_positions is None:
+            if bool(flat.all()):
+                return None
+            raise ValueError(
+                f"the teacher's top-k scores cover {int(flat.sum())} of the batch's {flat.numel()} positions, and "
+                "the loss counts all of them; give the loss the batch (its mask: targets >= 0)")
+        if flat_positions.numel() == int(flat.sum()) and bool(flat[flat_positions].all()):
+            return None
+        if not bool(flat[flat_positions].all()):
+            raise ValueError(
+                "the loss counts token positions where the teacher's top-k scores hold no row (a cache stores "
+                "the trained-on positions only, targets >= 0); mask the loss to those positions")
+        return (torch.cumsum(flat.long(), 0) - 1)[flat_positions]
+
+
 class Outputs:
     """What a model (student or teacher) produced for a batch.
 
     Attributes:
         logits: ``(B, C)`` for classifiers, ``(B, T, V)`` for sequence models; losses
-            reduce over the last axis.
+            reduce over the last axis. Given a sparse ``topk`` instead, it is built from it
+            on first use (and kept).
         features: intermediate outputs captured by taps, by module path.
+        topk: a teacher's scores in sparse form (:class:`TopKLogits`), or ``None``; token
+            losses read it instead of ``logits``.
     """
 
-    logits: torch.Tensor
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    __slots__ = ("_logits", "features", "topk", "_log_probs")
+
+    def __init__(self, logits: torch.Tensor | None = None, features: dict[str, torch.Tensor] | None = None, *,
+                 topk: TopKLogits | None = None):
+        if logits is None and topk is None:
+            raise TypeError("Outputs needs logits (a tensor) or topk (a TopKLogits)")
+        self._logits = logits
+        self.features = {} if features is None else features
+        self.topk = topk
+        self._log_probs: tuple[float, bool, torch.Tensor] | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.topk.dense()  # type: ignore[union-attr]
+        return self._logits
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logits' shape, without building dense logits from ``topk``."""
+        return self._logits.shape if self._logits is not None else self.topk.shape  # type: ignore[union-attr]
+
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """``log_softmax(logits / temperature)`` over the last axis, computed once and kept
+        (one temperature; recomputed when asked with another, or with gradients enabled
+        after a computation without), so a hard-label loss and a distillation loss at the
+        same temperature share it."""
+        kept = self.kept_log_probs(temperature)
+        if kept is not None:
+            return kept
+        z = self.logits
+        lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+        self._log_probs = (temperature, lp.requires_grad, lp)
+        return lp
+
+    def kept_log_probs(self, temperature: float = 1.0) -> torch.Tensor | None:
+        """The log-probabilities :meth:`log_probs` kept at ``temperature`` (with their graph
+        when gradients are enabled), or ``None``."""
+        memo = self._log_probs
+        if memo is None or memo[0] != temperature:
+            return None
+        needs_graph = torch.is_grad_enabled() and self.logits.requires_grad
+        return memo[2] if memo[1] or not needs_graph else None
+
+    def __repr__(self) -> str:
+        shape = tuple(self.shape)
+        kind = "topk" if self._logits is None else "logits"
+        return f"Outputs({kind}={shape}, features={list(self.features)})"

@@ -33,8 +33,9 @@ def check_temperature(temperature: float) -> float:
     return t
 
 
-def check_same_classes(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    """Raise a ``ValueError`` naming both shapes if student and teacher logits differ."""
+def check_same_classes(student_logits: torch.Tensor | Outputs, teacher_logits: torch.Tensor | Outputs) -> None:
+    """Raise a ``ValueError`` naming both shapes if student and teacher logits differ
+    (tensors, or :class:`~kdistill.outputs.Outputs`: only ``.shape`` is read)."""
     if student_logits.shape != teacher_logits.shape:
         s, t = student_logits.shape[-1], teacher_logits.shape[-1]
         what = (

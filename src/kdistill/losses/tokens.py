@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..outputs import Batch, Outputs
+from ..outputs import Batch, Outputs, TopKLogits
 from .base import DistillationLoss, compute_dtype
 from .logits import check_temperature
 
@@ -55,7 +55,8 @@ _DIRECTIONS = ("forward", "reverse")
 
 
 def check_vocabularies(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    """Raise a ``ValueError`` unless student and teacher logits have the same shape.
+    """Raise a ``ValueError`` unless student and teacher logits have the same shape (only
+    ``.shape`` is read: a :class:`~kdistill.outputs.TopKLogits` or an ``Outputs`` will do).
 
     Args:
         student_logits: ``(B, T, V_s)`` (or ``(B, C)``) scores of the student.
@@ -217,22 +218,31 @@ class _Softened:
         self.temperature = temperature
         self.closed_form = _CLOSED_FORM.get(divergence)
 
-    def _log_probs(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_probs(self, student: torch.Tensor, teacher: "torch.Tensor | _SparseRows"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.temperature
+        if isinstance(teacher, _SparseRows):
+            return F.log_softmax(student if t == 1.0 else student / t, dim=-1), teacher.dense_log_probs(t, student.dtype)
         if t != 1.0:  # x / 1 is x: no copy
             student, teacher = student / t, teacher / t
         return F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
 
-    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """``(n, V), (n, V) -> (n,)``: the divergence of each row (differentiable)."""
+    def __call__(self, student: torch.Tensor, teacher: "torch.Tensor | _SparseRows") -> torch.Tensor:
+        """``(n, V), (n, V) -> (n,)``: the divergence of each row (differentiable); the
+        teacher's rows dense or sparse (:class:`_SparseRows`)."""
         return self.divergence(*self._log_probs(student, teacher))
 
     def value_and_grad(
-        self, student: torch.Tensor, teacher: torch.Tensor, scale: float, needs_grad: bool
+        self, student: torch.Tensor, teacher: "torch.Tensor | _SparseRows", scale: float, needs_grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``scale * sum`` of the rows' divergences, and its gradient w.r.t. ``student``
         (``None`` unless ``needs_grad``): in closed form where there is one, else by autograd
         on a detached copy of the chunk."""
+        sparse_form = _SPARSE_CLOSED_FORM.get(self.divergence) if isinstance(teacher, _SparseRows) else None
+        if sparse_form is not None:  # neither the teacher's (n, V) log-probabilities nor autograd
+            t = self.temperature
+            rows, grad_u = sparse_form(F.log_softmax(student if t == 1.0 else student / t, dim=-1), teacher, t)
+            return rows.sum() * scale, (grad_u.mul_(scale / t) if needs_grad else None)
         if not needs_grad:
             return self(student, teacher).sum() * scale, None
         if self.closed_form is not None:
@@ -243,6 +253,138 @@ class _Softened:
             value = self(leaf, teacher).sum() * scale
         (grad,) = torch.autograd.grad(value, leaf)
         return value.detach(), grad
+
+
+# ------------------------------------------------------------- a sparse (top-k) teacher
+# A TopKLogits teacher gives, per position, k logits at ids and one logit ("fill") for each
+# of the other c = V - k tokens. Softened at T, its log-probabilities are
+#   lt_top = values / T - lse,  lt_fill = fill / T - lse,
+#   lse = log(sum_k exp(values / T) + c * exp(fill / T)),
+# and the divergences below use them without building the (n, V) teacher: the forward
+# KL's tail sum is the fill's probability times (c * lt_fill - the student's log-probs
+# summed over the c tail tokens), and that sum is the row's total minus its top k.
+
+
+class _SparseRows:
+    """The rows of a sparse teacher that a chunk of counted positions needs."""
+
+    def __init__(self, topk: TopKLogits, rows: torch.Tensor | None):
+        self.ids, self.values, self.fill = topk.ids, topk.values, topk.fill
+        self.vocab = topk.vocab_size
+        self.rows = rows  # the sparse row of each counted position; None: the same order
+
+    def __len__(self) -> int:
+        return self.ids.shape[0] if self.rows is None else self.rows.numel()
+
+    def chunk(self, start: int, stop: int, device: torch.device) -> "_SparseRows":
+        if self.rows is None:
+            part = slice(start, stop)
+            ids, values, fill = self.ids[part], self.values[part], self.fill[part]
+        else:
+            index = self.rows[start:stop]
+            ids, values, fill = self.ids[index], self.values[index], self.fill[index]
+        out = object.__new__(_SparseRows)
+        out.ids, out.values, out.fill = ids.to(device), values.to(device), fill.to(device)
+        out.vocab, out.rows = self.vocab, None
+        return out
+
+    def log_probs(self, temperature: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(lt_top (n, k), lt_fill (n,), c)``: the log-probabilities at ``T`` of the top k
+        and of each of the ``c`` other tokens."""
+        v, f = self.values.to(dtype) / temperature, self.fill.to(dtype) / temperature
+        c = self.vocab - v.shape[-1]
+        if c > 0:
+            lse = torch.logsumexp(torch.cat([v, (f + math.log(c)).unsqueeze(-1)], dim=-1), dim=-1)
+        else:
+            lse = torch.logsumexp(v, dim=-1)
+        return v - lse.unsqueeze(-1), f - lse, c
+
+    def dense_log_probs(self, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+        """``(n, V)``: the same log-probabilities written out (for divergences without a
+        sparse form)."""
+        lt_top, lt_fill, _ = self.log_probs(temperature, dtype)
+        out = lt_fill.unsqueeze(-1).expand(lt_fill.shape[0], self.vocab).clone()
+        return out.scatter_(-1, self.ids, lt_top)
+
+
+def _sparse_forward_kl(ls_top: torch.Tensor, total: torch.Tensor, lt_top: torch.Tensor, lt_fill: torch.Tensor,
+                       c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``KL(p_t || p_s)`` per row for a sparse teacher, and ``p_t``'s top-k and fill
+    probabilities, from the student's log-probabilities at the top k (``ls_top``, ``(n, k)``)
+    and summed over the vocabulary (``total``, ``(n,)``)."""
+    p_top = lt_top.exp()
+    rows = (p_top * torch.where(p_top > 0, lt_top - ls_top, 0.0)).sum(dim=-1)
+    if c == 0:
+        return rows, p_top, torch.zeros_like(lt_fill)
+    p_fill = lt_fill.exp()
+    tail = c * lt_fill - (total - ls_top.sum(dim=-1))  # sum over the c tail tokens of (lt_fill - log p_s)
+    return rows + torch.where(p_fill > 0, p_fill * tail, 0.0), p_top, p_fill
+
+
+def _sparse_forward_kl_and_grad(log_p_s: torch.Tensor, chunk: _SparseRows, temperature: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    lt_top, lt_fill, c = chunk.log_probs(temperature, log_p_s.dtype)
+    rows, p_top, p_fill = _sparse_forward_kl(log_p_s.gather(-1, chunk.ids), log_p_s.sum(dim=-1), lt_top, lt_fill, c)
+    grad = log_p_s.exp_()  # p_s - p_t: the fill's probability everywhere, the top k's at theirs
+    s_top = grad.gather(-1, chunk.ids)
+    grad.sub_(p_fill.unsqueeze(-1)).scatter_(-1, chunk.ids, s_top - p_top)
+    return rows, grad
+
+
+def _sparse_reverse_kl_and_grad(log_p_s: torch.Tensor, chunk: _SparseRows, temperature: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    lt_top, lt_fill, _ = chunk.log_probs(temperature, log_p_s.dtype)
+    p_s = log_p_s.exp()
+    # d = log p_s - log p_t: the fill's log-probability everywhere, the top k's at theirs
+    d = torch.where(p_s > 0, log_p_s - lt_fill.unsqueeze(-1), 0.0)
+    d.scatter_(-1, chunk.ids, torch.where(p_s.gather(-1, chunk.ids) > 0, log_p_s.gather(-1, chunk.ids) - lt_top, 0.0))
+    rows = (p_s * d).sum(dim=-1)
+    return rows, d.sub_(rows.unsqueeze(-1)).mul_(p_s)
+
+
+#: The divergences with a sparse form (value and gradient w.r.t. u = z_s / T).
+_SPARSE_CLOSED_FORM = {_forward_kl_rows: _sparse_forward_kl_and_grad, _reverse_kl_rows: _sparse_reverse_kl_and_grad}
+
+
+class _SparseKLOnLogProbs(torch.autograd.Function):
+    """``scale * sum`` over counted rows of ``KL(p_t || p_s)`` for a sparse teacher, from
+    the student's log-probabilities ``log_p_s`` ``(N, V)`` as already computed (with their
+    graph) for the hard-label loss: one sum over ``V`` in the forward pass, and in the
+    backward pass the gradient ``-scale * p_t`` with respect to ``log_p_s``, which autograd
+    adds to the label loss's before the one log-softmax backward."""
+
+    @staticmethod
+    def forward(ctx, log_p_s: torch.Tensor, rows: torch.Tensor | None, sparse: _SparseRows,  # type: ignore[override]
+                temperature: float, scale: float) -> torch.Tensor:
+        sparse = sparse.chunk(0, len(sparse), log_p_s.device)  # its rows in the counted positions' order
+        ids = sparse.ids
+        dtype = compute_dtype(log_p_s)
+        lt_top, lt_fill, c = sparse.log_probs(temperature, dtype)
+        total = log_p_s.sum(dim=-1, dtype=dtype)  # (N,): one read of the log-probabilities
+        if rows is None:
+            ls_top = log_p_s.gather(-1, ids)
+        else:
+            ls_top, total = log_p_s[rows.unsqueeze(-1), ids], total[rows]
+        value, p_top, p_fill = _sparse_forward_kl(ls_top.to(dtype), total, lt_top, lt_fill, c)
+        ctx.save_for_backward(ids, p_top, p_fill, rows if rows is not None else ids.new_empty(0))
+        ctx.has_rows, ctx.scale, ctx.shape = rows is not None, scale, log_p_s.shape
+        return value.sum() * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        ids, p_top, p_fill, rows = ctx.saved_tensors
+        factor = -ctx.scale * grad_output
+        n = ctx.shape[0]
+        fills = p_fill.new_zeros(n)
+        if ctx.has_rows:
+            fills[rows] = p_fill * factor
+            grad = fills.unsqueeze(-1).expand(ctx.shape).clone()
+            grad[rows.unsqueeze(-1), ids] = p_top * factor
+        else:
+            grad = (p_fill * factor).unsqueeze(-1).expand(ctx.shape).clone()
+            grad.scatter_(-1, ids, p_top * factor)
+        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------------- chunked autograd
@@ -257,14 +399,15 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx,
         student: torch.Tensor,
-        teacher: torch.Tensor,
+        teacher: "torch.Tensor | _SparseRows",
         rows: torch.Tensor | None,
         per_row: "_Softened",
         scale: float,
         chunk: int,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        # student, teacher: (N, V); rows: (n,) indices of the positions that count, None for all
+        # student, teacher: (N, V) (teacher: or the sparse rows of the n counted positions);
+        # rows: (n,) indices of the positions that count, None for all
         needs_grad = ctx.needs_input_grad[0]
         grad = None
         if needs_grad:
@@ -276,12 +419,16 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             # 1. one chunk of both sides, upcast to the compute dtype: (n_c, V)
             if rows is None:
                 index = None
-                s_c, t_c = student[start : start + chunk], teacher[start : start + chunk]
+                s_c = student[start : start + chunk]
             else:
                 index = rows[start : start + chunk]
-                s_c, t_c = student.index_select(0, index), teacher.index_select(0, index)
+                s_c = student.index_select(0, index)
+            if isinstance(teacher, _SparseRows):  # its rows are in the counted positions' order
+                t_c = teacher.chunk(start, start + chunk, student.device)
+            else:
+                t_c = (teacher[start : start + chunk] if index is None else teacher.index_select(0, index)).to(dtype)
             # 2. its loss, and at once its gradient w.r.t. the chunk's student logits
-            value, g = per_row.value_and_grad(s_c.detach().to(dtype), t_c.to(dtype), scale, needs_grad)
+            value, g = per_row.value_and_grad(s_c.detach().to(dtype), t_c, scale, needs_grad)
             if g is not None:
                 if index is None:
                     grad[start : start + chunk].copy_(g)
@@ -307,13 +454,14 @@ class _ChunkedTokenLoss(torch.autograd.Function):
 def token_loss(
     divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKLogits,
     temperature: float,
     *,
     temperature_squared: bool = True,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    student_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce a per-position divergence over the counted positions, chunked or not.
 
@@ -321,10 +469,17 @@ def token_loss(
     takes the ``(n, V)`` log-probabilities ``log softmax(z_s / T)`` and
     ``log softmax(z_t / T)`` and returns the ``(n,)`` divergence of each row.
 
+    A sparse teacher (:class:`~kdistill.outputs.TopKLogits`, e.g. from a
+    :class:`~kdistill.teacher.TokenCache`) is read as it is: the forward and reverse KL
+    have a sparse form (no ``(n, V)`` teacher tensor at all); the other divergences build
+    one chunk's teacher log-probabilities at a time. Its rows must cover the counted
+    positions.
+
     Args:
         divergence: ``divergence(log_p_s, log_p_t) -> (n,)``, one value per row.
         student_logits: ``(B, T, V)`` (or ``(B, C)``) raw scores of the student.
-        teacher_logits: the teacher's scores, same shape (detached: a fixed target).
+        teacher_logits: the teacher's scores, same shape (detached: a fixed target), or a
+            :class:`~kdistill.outputs.TopKLogits` of that shape.
         temperature: softening temperature ``T > 0``.
         temperature_squared: multiply by ``T^2``.
         mask: optional boolean mask of the positions that count, ``(B, T)`` (or ``(B,)``).
@@ -332,19 +487,27 @@ def token_loss(
         chunk_size: token positions per chunk; ``None`` picks one
             (:data:`DEFAULT_CHUNK_ELEMENTS`), ``0`` computes everything at once with plain
             autograd.
+        student_log_probs: ``log_softmax(student_logits / T)`` with its graph, when it is
+            already computed (the hard-label loss's, at ``T = 1``): with a sparse teacher the
+            forward KL then reads it instead of computing its own (one sum over the
+            vocabulary and a sparse gradient; not chunked, as the label loss is not).
 
     Returns:
         A scalar in the compute dtype (float32 for half-precision logits).
+
+    Raises:
+        ValueError: the vocabularies or positions differ, a bad mask, a sparse teacher
+            without rows at counted positions.
     """
     t = check_temperature(temperature)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean' (over the counted positions) or 'sum', got {reduction!r}")
     chunk_size = _check_chunk_size(chunk_size)
     check_vocabularies(student_logits, teacher_logits)
+    sparse = isinstance(teacher_logits, TopKLogits)
     vocab = student_logits.shape[-1]
     # (B, T, V) -> (N, V): every position is one row
     student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().reshape(-1, vocab)
     rows, count = None, student.shape[0]
     if mask is not None:
         positions = tuple(student_logits.shape[:-1])
@@ -359,9 +522,21 @@ def token_loss(
         if count == student.shape[0]:
             rows = None  # all of them: no copies
     scale = (t * t if temperature_squared else 1.0) / (max(count, 1) if reduction == "mean" else 1)
-    dtype = torch.promote_types(compute_dtype(student), compute_dtype(teacher))
     loss_rows = _Softened(divergence, t)
     chunk = _chunk_rows(chunk_size, vocab, count)
+    if sparse:
+        teacher = _SparseRows(teacher_logits, teacher_logits.rows_of(rows))
+        dtype = compute_dtype(student)
+        if student_log_probs is not None and divergence is _forward_kl_rows and chunk_size != 0:
+            return _SparseKLOnLogProbs.apply(student_log_probs.reshape(-1, vocab), rows, teacher, t, scale)
+        if chunk_size == 0:  # plain autograd, the teacher's log-probabilities written out
+            if rows is not None:
+                student = student.index_select(0, rows)
+            return loss_rows(student.to(dtype), teacher.chunk(0, count, student.device)).sum() * scale
+        # one chunk or more: the sparse forms need no (n, V) teacher tensor and no autograd graph
+        return _ChunkedTokenLoss.apply(student, teacher, rows, loss_rows, scale, chunk or max(count, 1), dtype)
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    dtype = torch.promote_types(compute_dtype(student), compute_dtype(teacher))
     if chunk == 0:
         # plain autograd over all counted positions at once
         if rows is not None:
@@ -590,10 +765,25 @@ class _TokenLoss(DistillationLoss):
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
+    def divergence(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The per-row divergence ``(log_p_s, log_p_t) -> (n,)`` this loss averages."""
+        raise NotImplementedError  # pragma: no cover
+
     def forward(self, student: Outputs, teacher: Outputs, batch: Batch | None = None) -> torch.Tensor:
-        """The mean over this batch's trained-on positions (``batch.targets >= 0``)."""
+        """The mean over this batch's trained-on positions (``batch.targets >= 0``).
+
+        A teacher given sparsely (``teacher.topk``, from a token cache) is read without
+        building its dense logits; the student's log-probabilities at this loss's
+        temperature are reused when its :class:`~kdistill.outputs.Outputs` keeps them
+        (the Distiller's hard-label loss computed them)."""
         mask = batch.token_mask if batch is not None else None
-        return self.loss(student.logits, teacher.logits, mask)
+        if teacher.topk is None:
+            return self.loss(student.logits, teacher.logits, mask)
+        return token_loss(
+            self.divergence(), student.logits, teacher.topk, self.temperature,
+            temperature_squared=self.temperature_squared, mask=mask, chunk_size=self.chunk_size,
+            student_log_probs=student.kept_log_probs(self.temperature),
+        )
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, temperature_squared={self.temperature_squared}, "
@@ -625,6 +815,9 @@ class TokenKLLoss(_TokenLoss):
     ):
         super().__init__(temperature, temperature_squared, chunk_size)
         self.direction = _check_direction(direction)
+
+    def divergence(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return _forward_kl_rows if self.direction == "forward" else _reverse_kl_rows
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return token_kl_loss(
@@ -659,6 +852,9 @@ class GeneralizedJSDLoss(_TokenLoss):
     ):
         super().__init__(temperature, temperature_squared, chunk_size)
         self.beta = _check_fraction("beta", beta, "0 is forward KL(teacher || student), 1 reverse KL(student || teacher)")
+
+    def divergence(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return _gjsd_rows(self.beta)
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return generalized_jsd_loss(
@@ -696,6 +892,9 @@ class SkewKLLoss(_TokenLoss):
         super().__init__(temperature, temperature_squared, chunk_size)
         self.lam = _check_fraction("lam", lam, "the share of the first distribution in the mixture", upper_open=True)
         self.direction = _check_direction(direction)
+
+    def divergence(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return _skew_rows(self.lam, self.direction)
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return skew_kl_loss(
@@ -746,6 +945,9 @@ class TotalVariationLoss(_TokenLoss):
 
     def __init__(self, temperature: float = 1.0, *, temperature_squared: bool = True, chunk_size: int | None = None):
         super().__init__(temperature, temperature_squared, chunk_size)
+
+    def divergence(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return _tv_rows
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return total_variation_loss(

@@ -5,8 +5,9 @@
 the next-token target is ``>= 0``), the teacher's ``k`` most likely next tokens, their
 log-probabilities at ``T = 1`` and the log of the remaining (tail) mass. :meth:`TokenCache.open`
 maps the files back as a :class:`~kdistill.teacher.Teacher`: given a token batch (its
-``batch.index`` names the sequences), it returns ``Outputs(logits=(B, T, V))`` rebuilt
-from the stored entries, so every token loss works unchanged.
+``batch.index`` names the sequences), it returns ``Outputs(topk=TopKLogits(...))``: the
+stored entries as ``k`` logits and one fill logit per position, which the token losses
+read sparsely and any other loss reads as dense ``(B, T, V)`` logits built on first use.
 
 Layout of a cache directory (``P`` stored positions, ``N`` sequences)::
 
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..outputs import Batch, Outputs
+from ..outputs import Batch, Outputs, TopKLogits
 from .base import Teacher
 from .cache.build import COMMIT_INTERVAL_S, _build_lock, _claim_temp, _commit, _publish
 from .cache.bitpack import CURVE_TERMS, bits_for
@@ -145,9 +146,10 @@ class TokenCache(Teacher):
     """A top-k token cache on disk, served as a teacher (no forward pass at all).
 
     Sequence ``batch.index[i]`` of the cache gives row ``i`` of a token batch its teacher
-    distribution at every trained-on position; ``__call__`` returns dense ``(B, T, V)``
-    float32 logits rebuilt with the tail mode chosen at :meth:`open` (positions not
-    trained on get zeros; the losses mask them out).
+    distribution at every trained-on position; ``__call__`` returns it sparsely
+    (:class:`~kdistill.outputs.TopKLogits`: ``k`` logits and one fill logit per trained-on
+    position, with the tail mode chosen at :meth:`open`); ``outputs.logits`` builds the
+    dense ``(B, T, V)`` float32 logits (zeros where not trained on) when a loss asks.
 
     Attributes:
         path: the cache directory.
@@ -385,17 +387,11 @@ class TokenCache(Teacher):
             raise CacheMismatchError(
                 f"token cache {self.path}: trained-position check failed: sequence {int(index[i])} has "
                 f"{int(found[i])} trained-on positions in the batch, {int(counts[i])} in the cache")
-        b, t = mask.shape
-        # one pass over (B, T, V): every position's fill (0 where not trained on), then the
-        # k stored entries of each trained-on position written in place
         fill, values = _fill_and_values(lp.to(device), tail.to(device), self.vocab_size, self.tail)
-        fills = torch.zeros(b * t, device=device)
-        where = torch.nonzero(mask.reshape(-1)).squeeze(1)  # (P,) flat positions, in order
-        fills[where] = fill
-        logits = fills.unsqueeze(1).expand(b * t, self.vocab_size).clone()
-        logits[where.unsqueeze(1), ids.to(device)] = values
-        logits = logits.view(b, t, self.vocab_size)
-        return Outputs(logits=logits)
+        # sparse: k logits and one fill per trained-on position; token losses read it as it
+        # is, any other loss gets the dense (B, T, V) logits built on first use
+        return Outputs(topk=TopKLogits(ids=ids.to(device), values=values, fill=fill, positions=mask,
+                                       vocab_size=self.vocab_size))
 
 
 def _data_fingerprint(dataset: Any) -> str:
