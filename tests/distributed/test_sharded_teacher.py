@@ -6,10 +6,6 @@ Built outside a process group, it says to start with torchrun."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,30 +17,16 @@ from kdistill.teacher import ShardedTeacher, Teacher
 from kdistill.teacher.base import missing_calls
 from kdistill.teacher.sharded import find_blocks
 
+from launch import worker_results  # noqa: E402 - this folder is on sys.path in tests
+
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
 WORKERS = HERE / "sharded_workers.py"
-
-
-def env(tmp_path: Path) -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(HERE), e.get("PYTHONPATH", "")])
-    e["KDISTILL_CACHE"] = str(tmp_path / "kdistill-cache")
-    e["KDISTILL_DIST_TIMEOUT"] = "60"  # a hang fails in a minute, not in ten
-    e["OMP_NUM_THREADS"] = "1"
-    for name in ("KDISTILL_DEVICE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(name, None)
-    return e
 
 
 def run_cases(tmp_path: Path, cases: str, nproc: int) -> tuple[dict[int, dict], Path]:
     out = tmp_path / f"{cases.replace(',', '-')}-{nproc}"
-    args = [str(WORKERS), cases, str(out)]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-           if nproc > 1 else [sys.executable, *args])
-    proc = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300)
-    found = {int(f.stem.split("-")[1]): json.loads(f.read_text()) for f in out.glob("result-*.json")}
-    assert found, f"no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    found, proc = worker_results(WORKERS, cases, out, nproc)
+    del found["log"]
     for record in found.values():
         for case in cases.split(","):
             assert "error" not in record.get(case, {}), record[case]["error"]

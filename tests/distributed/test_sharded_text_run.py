@@ -6,9 +6,6 @@ weights the replicated teacher gives, and the report measures the whole teacher 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,36 +14,23 @@ import torch
 pytest.importorskip("transformers")
 
 from experiment_configs import write_config  # noqa: E402
+from launch import torchrun  # noqa: E402
 from test_text_experiment import text_config  # noqa: E402
 
 from kdistill.experiment import load_stage_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
 pytestmark = pytest.mark.slow
 
 DISTIL = {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.003}, "alpha": 0.5, "temperature": 1.0,
           "losses": [{"name": "forward_kl"}]}
 
 
-def env(tmp_path: Path) -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(HERE), e.get("PYTHONPATH", "")])
-    e["KDISTILL_CACHE"] = str(tmp_path / "kdistill-cache")
-    e["KDISTILL_DIST_TIMEOUT"] = "60"  # a hang fails in a minute, not in ten
-    e["OMP_NUM_THREADS"] = "1"
-    for name in ("KDISTILL_DEVICE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(name, None)
-    return e
-
-
 def run_two(tmp_path: Path, name: str, shard: bool, **distil) -> Path:
     raw = text_config(tmp_path / name, distil={**DISTIL, "shard_teacher": shard, **distil})
     raw["teacher_store"] = str(tmp_path / "store")  # the second run reuses the first one's teacher
     config = write_config(tmp_path / f"{name}.yaml", raw)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "kdistill", "run", str(config), "--quiet"]
-    proc = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = torchrun(["-m", "kdistill", "run", str(config), "--quiet"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / name
 

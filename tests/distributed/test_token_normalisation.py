@@ -7,10 +7,6 @@ The processes are started once (``token_workers.py``), for every case in turn.""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +26,8 @@ pytestmark = [
 pytest.importorskip("transformers")
 
 import token_workers as tw  # noqa: E402 - after the skips: it needs transformers
+from launch import case_results as both_ran  # noqa: E402
+from launch import worker_results  # noqa: E402
 
 IGNORE = -100
 
@@ -37,30 +35,14 @@ IGNORE = -100
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> tuple[dict[int, dict], Path]:
     out = tmp_path_factory.mktemp("tokens")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
-    env["KDISTILL_CACHE"] = str(out / "kdistill-cache")
-    env["KDISTILL_DIST_TIMEOUT"] = "60"  # a hang fails in a minute, not in ten
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("KDISTILL_DEVICE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKERS),
-           ",".join(CASES), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    found = {int(f.stem.split("-")[1]): json.loads(f.read_text()) for f in out.glob("result-*.json")}
     # (the exit status is not asserted: a case that aborts the processes is reported by its own test)
-    assert found, f"no results (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    found["log"] = proc.stderr[-3000:]
+    found, _ = worker_results(WORKERS, ",".join(CASES), out)
     return found, out
 
 
 def case_results(two_processes, case: str) -> tuple[dict, dict, Path]:
     found, out = two_processes
-    assert sorted(k for k in found if k != "log") == [0, 1], found["log"]
-    a, b = found[0].get(case), found[1].get(case)
-    assert a is not None and b is not None, f"{case} did not run on every process:\n{found['log']}"
-    assert "error" not in a and "error" not in b, (a, b)
-    assert found[0]["world"] == found[1]["world"] == 2
-    return a, b, out
+    return (*both_ran(found, case), out)
 
 
 # ---------------------------------------------------------------- references, by hand
