@@ -26,7 +26,7 @@ from .metrics import Metric, resolve_metrics
 from .outputs import IGNORE_INDEX, UNLABELLED, Batch, Inputs, Outputs
 from .runtime import get_device, seed_everything
 from .taps import CheckedForward, FeatureTaps
-from .teacher import LiveTeacher, Teacher
+from .teacher import EnsembleTeacher, LiveTeacher, Teacher
 from .teacher.base import missing_calls
 
 OptimizerSpec = torch.optim.Optimizer | str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -1265,18 +1265,26 @@ class Distiller(Trainer):
             :class:`~kdistill.teacher.TeacherCache` built beforehand (it must hold the
             layers the losses tap), or your own :class:`~kdistill.teacher.Teacher`
             subclass. The Distiller only makes the protocol's calls
-            (:mod:`kdistill.teacher.base`), whatever the kind.
+            (:mod:`kdistill.teacher.base`), whatever the kind. A list or tuple of
+            teachers (modules or teacher kinds) is an ensemble: an
+            :class:`~kdistill.teacher.EnsembleTeacher` with its defaults (the mean of the
+            members' probabilities at the loss's temperature; members named ``t0``,
+            ``t1``, ...); build the ``EnsembleTeacher`` yourself for another rule, weights
+            or names.
         device: where to train (default: :func:`kdistill.runtime.get_device`).
     """
 
     label_weighted_logs = ("student_loss",)
     model_role = "student"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | Teacher, *, device: str | torch.device | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | Teacher | Sequence[nn.Module | Teacher], *,
+                 device: str | torch.device | None = None):
         super().__init__(student, device=device)
-        if teacher is student:
+        if teacher is student or (isinstance(teacher, (list, tuple)) and any(t is student for t in teacher)):
             raise ValueError("teacher and student are the same module; distil into a separate student network")
-        if isinstance(teacher, nn.Module):
+        if isinstance(teacher, (list, tuple)):
+            teacher = EnsembleTeacher(teacher, device=self.device)
+        elif isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher, self.device)
         elif missing_calls(teacher):
             raise TypeError(
