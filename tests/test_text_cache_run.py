@@ -24,6 +24,7 @@ from kdistill.errors import ConfigError  # noqa: E402
 from kdistill.experiment import load_stage_model, run_experiment  # noqa: E402
 from kdistill.run.fingerprints import config_fingerprint, fingerprint, stage_settings  # noqa: E402
 from kdistill.teacher import TokenCache  # noqa: E402
+from kdistill.text_experiment import token_cache_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTIL = {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.003}, "alpha": 0.5, "temperature": 1.0,
@@ -141,6 +142,24 @@ def test_other_cache_settings_are_another_cache_and_another_stage(runs):
     assert other["models"]["distil"]["held_out_loss"] != cached["models"]["distil"]["held_out_loss"]
 
 
+def test_a_curve_cache_is_built_with_its_exact_k_and_is_another_stage(runs):
+    base, store, _, _, cached, _ = runs
+    settings = {"k": 8, "curve": 3, "exact_k": 2, "path": str(base / "curve")}
+    logs: list[str] = []
+    other = run(cached_config(base / "curve-run", store, **settings), logs)
+    built = cache_lines(logs, f"building the token cache {base / 'curve'}")
+    assert len(built) == 1 and "a 3-term curve past the top 2 (float16)" in built[0]
+    cache = TokenCache.open(base / "curve")
+    m = cache.manifest
+    assert (cache.k, m["curve"], m["exact_k"], m["value_bits"]) == (8, 3, 2, None)
+    assert m["files"]["logprobs.npy"]["shape"][1:] == [2] and m["files"]["curve.npy"]["shape"][1:] == [3]
+    assert "a 3-term curve past the top 2" in cache_lines(logs, "distilling from the token cache")[0]
+    assert other["fingerprints"]["distil"] != cached["fingerprints"]["distil"]
+    assert math.isfinite(other["models"]["distil"]["held_out_loss"])
+    saved = load_config(base / "curve-run" / "config.yaml").stages.distil.teacher_cache
+    assert (saved.curve, saved.exact_k, saved.value_bits) == (3, 2, None)
+
+
 # --------------------------------------------------------------------------- config
 def _text(distil: dict) -> dict:
     return text_config("x", distil={**DISTIL, **distil})
@@ -165,6 +184,13 @@ def test_text_cache_defaults_are_resolved():
     ({"teacher_cache": True, "on_policy": {"lmbda": 0.5}},
      r"stages.distil.teacher_cache cannot serve stages.distil.on_policy.*Remove stages.distil.teacher_cache"),
     ({"shard_teacher": True, "teacher_cache": True}, r"shard_teacher with stages.distil.teacher_cache.*remove one"),
+    ({"teacher_cache": {"curve": 6, "value_bits": 4}}, r"teacher_cache: value_bits and curve are two encodings"),
+    ({"teacher_cache": {"exact_k": 8}}, r"teacher_cache.exact_k applies to value_bits or curve"),
+    ({"teacher_cache": {"k": 8, "curve": 6, "exact_k": 9}}, r"teacher_cache.exact_k: 9 is more than k \(8\)"),
+    ({"teacher_cache": {"curve": 6, "exact_k": 80}}, r"teacher_cache.exact_k: 80 is more than k \(64\)"),
+    ({"teacher_cache": {"curve": 8}}, r"teacher_cache.curve: .*less than or equal to 7"),
+    ({"teacher_cache": {"curve": 0}}, r"teacher_cache.curve: .*greater than or equal to 1"),
+    ({"teacher_cache": {"curve": 6, "exact_k": 0}}, r"teacher_cache.exact_k: .*greater than or equal to 1"),
 ])
 def test_text_refusals(distil, match):
     with pytest.raises(ConfigError, match=match):
@@ -175,6 +201,9 @@ def test_text_refusals(distil, match):
     ({"teacher_cache": {"tail": "bucket"}}, r"teacher_cache.tail is for language-model token caches"),
     ({"teacher_cache": {"dtype": "bfloat16"}}, r"bfloat16 is for language-model token caches"),
     ({"teacher_cache": {"value_bits": 4}}, r"value_bits is for language-model token caches"),
+    ({"teacher_cache": {"mode": "topk", "k": 3, "curve": 6}}, r"teacher_cache.curve is for language-model token caches"),
+    ({"teacher_cache": {"mode": "topk", "k": 3, "exact_k": 2}},
+     r"teacher_cache.exact_k is for language-model token caches"),
     ({"shard_teacher": True}, r"shard_teacher is for the distil stage of a language-model run"),
 ])
 def test_image_runs_refuse_the_language_model_keys(distil, match):
@@ -191,7 +220,7 @@ def test_fingerprints_of_existing_configs_do_not_change():
     img = tiny_config("x")
     img["stages"]["distil"]["teacher_cache"] = {"mode": "topk", "k": 3}
     cache = stage_settings(validate_config(img).stages.distil)["teacher_cache"]
-    assert "tail" not in cache and "value_bits" not in cache and cache["k"] == 3
+    assert not {"tail", "value_bits", "curve", "exact_k"} & set(cache) and cache["k"] == 3
     # sharding changes where the teacher lives, not what it computes: the same stage
     plain, sharded = validate_config(_text({})), validate_config(_text({"shard_teacher": True}))
     assert stage_settings(sharded.stages.distil) == stage_settings(plain.stages.distil)
@@ -202,6 +231,24 @@ def test_fingerprints_of_existing_configs_do_not_change():
     a = stage_settings(validate_config(_text({"teacher_cache": {"tail": "bucket"}})).stages.distil)
     b = stage_settings(validate_config(_text({"teacher_cache": {"tail": "uniform"}})).stages.distil)
     assert fingerprint(a) != fingerprint(b) != fingerprint(stage_settings(plain.stages.distil))
+
+
+def test_curve_and_exact_k_enter_the_cache_key_and_the_stage_only_when_set():
+    plain = validate_config(_text({"teacher_cache": {"k": 32}}))
+    tc = plain.stages.distil.teacher_cache
+    assert (tc.curve, tc.exact_k) == (None, None)  # not resolved: TokenCache.build's default applies
+    assert "curve" not in stage_settings(plain.stages.distil)["teacher_cache"]
+    # the key of a cache without them is what it was before they existed
+    assert token_cache_key(plain, "t", "d") == fingerprint("token_cache", "t", "d", plain.data.subset, plain.seed,
+                                                           {"k": 32, "dtype": "float16"})
+    keys, stages = {token_cache_key(plain, "t", "d")}, {fingerprint(stage_settings(plain.stages.distil))}
+    for extra in ({"curve": 6}, {"curve": 6, "exact_k": 8}, {"curve": 5, "exact_k": 8}, {"value_bits": 4},
+                  {"value_bits": 4, "exact_k": 8}):
+        config = validate_config(_text({"teacher_cache": {"k": 32, **extra}}))
+        assert {k: v for k, v in stage_settings(config.stages.distil)["teacher_cache"].items() if k in extra} == extra
+        keys.add(token_cache_key(config, "t", "d"))
+        stages.add(fingerprint(stage_settings(config.stages.distil)))
+    assert len(keys) == len(stages) == 6
 
 
 def test_shard_teacher_in_one_process_is_refused_before_anything_is_written(tmp_path):

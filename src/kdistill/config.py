@@ -497,8 +497,9 @@ class TeacherCacheConfig(_Strict):
     (:class:`kdistill.teacher.TokenCache`) of the teacher over the distil stage's training
     sequences: ``mode`` is ``topk`` (the default there), ``k`` defaults to 64, ``tail``
     chooses how the mass outside the top k is served, ``value_bits`` stores the
-    log-probabilities as short codes, ``batch_size`` counts sequences (default 16) and
-    ``views`` does not apply.
+    log-probabilities as short codes, or ``curve`` those past the top ``exact_k`` as the
+    coefficients of a rank curve (e.g. ``curve: 6, exact_k: 8`` where storage matters),
+    ``batch_size`` counts sequences (default 16) and ``views`` does not apply.
     """
 
     mode: Literal["full", "topk"] = Field(
@@ -513,6 +514,12 @@ class TeacherCacheConfig(_Strict):
         default=None, ge=1, le=16, description="language models: store each log-probability as a code of this "
         "many bits on its position's own linear grid (e.g. 4), dtype then holding each grid's ends and the tail; "
         "null: in dtype")
+    curve: int | None = Field(
+        default=None, ge=1, le=7, description="language models: store the log-probabilities past the top exact_k "
+        "as this many coefficients (in dtype) of a curve in their rank (e.g. 6); not with value_bits; null: in dtype")
+    exact_k: int | None = Field(
+        default=None, ge=1, description="language models, with value_bits or curve: the top log-probabilities kept "
+        "in dtype, at most k (e.g. 8); null: TokenCache.build's min(4, k)")
     tail: Literal["bucket", "renormalize", "uniform"] | None = Field(
         default=None, description="language models: how the mass outside the top k is served (bucket: shared "
         "equally by the other tokens; renormalize: none; uniform: spread over every token); default bucket")
@@ -682,6 +689,10 @@ class ExperimentConfig(_Strict):
         if cache.value_bits is not None:
             raise ValueError(f"{key}.value_bits is for language-model token caches (data.text); an image run's "
                              "cache stores float16 or float32 values: remove it")
+        for name in ("curve", "exact_k"):
+            if getattr(cache, name) is not None:
+                raise ValueError(f"{key}.{name} is for language-model token caches (data.text); an image run's "
+                                 "cache stores float16 or float32 values: remove it")
         if self.data.augment and not cache.views:
             raise ValueError(
                 f"{key} with data.augment needs teacher_cache.views >= 1: a cache of the "
@@ -715,6 +726,16 @@ class ExperimentConfig(_Strict):
             cache.__dict__["tail"] = "bucket"
         if "batch_size" not in cache.model_fields_set:
             cache.__dict__["batch_size"] = 16
+        if cache.value_bits is not None and cache.curve is not None:
+            raise ValueError(f"{key}: value_bits and curve are two encodings of the same log-probabilities: "
+                             "set one of them")
+        if cache.exact_k is not None:
+            if cache.value_bits is None and cache.curve is None:
+                raise ValueError(f"{key}.exact_k applies to value_bits or curve (the top log-probabilities kept in "
+                                 "dtype, the rest encoded): set one of them too, or remove exact_k")
+            if cache.exact_k > cache.k:
+                raise ValueError(f"{key}.exact_k: {cache.exact_k} is more than k ({cache.k}), the log-probabilities "
+                                 "stored per position: set exact_k <= k")
 
     def run_dir(self) -> Path:
         return Path(self.output_dir if self.output_dir is not None else Path("runs") / self.name)

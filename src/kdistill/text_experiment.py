@@ -213,9 +213,19 @@ def token_cache_key(config: ExperimentConfig, t_fp: str, data_fp: str) -> str:
 
 def token_cache_extra_settings(tc) -> dict[str, Any]:
     """:meth:`TokenCache.build`'s settings beyond ``k`` and ``dtype``, where the config
-    sets them (``value_bits``); left out at their defaults, so the key of a cache without
-    them stays as it was."""
-    return {} if tc.value_bits is None else {"value_bits": tc.value_bits}
+    sets them (``value_bits``, ``curve``, ``exact_k``); left out at their defaults, so the
+    key of a cache without them stays as it was."""
+    return {name: getattr(tc, name) for name in ("value_bits", "curve", "exact_k") if getattr(tc, name) is not None}
+
+
+def token_values_label(tc) -> str:
+    """How a token cache of these settings stores its log-probabilities, in words."""
+    past = "" if tc.exact_k is None else f" past the top {tc.exact_k}"
+    if tc.value_bits:
+        return f"{tc.value_bits}-bit codes{past}"
+    if tc.curve:
+        return f"a {tc.curve}-term curve{past} ({tc.dtype})"
+    return tc.dtype
 
 
 def open_token_cache(ctx: StageContext, teacher: nn.Module, students_data: Any, t_fp: str) -> Any:
@@ -233,7 +243,7 @@ def open_token_cache(ctx: StageContext, teacher: nn.Module, students_data: Any, 
     if not (path / "manifest.json").is_file():
         ctx.log(f"[distil] building the token cache {path}: the teacher over {len(students_data):,} sequences, "
                 f"top {tc.k} tokens per trained-on position, "
-                + (f"{tc.value_bits}-bit codes" if tc.value_bits else tc.dtype))
+                + token_values_label(tc))
     started = time.perf_counter()
     try:
         cache = TokenCache.build(teacher, students_data, path, k=tc.k, value_dtype=tc.dtype,
@@ -242,7 +252,7 @@ def open_token_cache(ctx: StageContext, teacher: nn.Module, students_data: Any, 
     except CacheMismatchError as e:
         raise ConfigError(f"stages.distil.teacher_cache: {e}. Remove that directory, or point "
                           "stages.distil.teacher_cache.path at another one") from None
-    stored = f"{tc.value_bits}-bit codes" if tc.value_bits else tc.dtype
+    stored = token_values_label(tc)
     ctx.log(f"[distil] distilling from the token cache {path} (k={cache.k}, tail {cache.tail}, {stored}, "
             f"{cache.num_positions:,} positions, {cache.bytes_per_position:g} B/position; ready in "
             f"{time.perf_counter() - started:.1f} s)")

@@ -10,9 +10,9 @@ there). Point ``stages.distil.teacher_cache.path`` at the result to distil from 
 
 For a language-model config or run (``data.text``) it builds a top-k token cache
 (:class:`~kdistill.teacher.TokenCache`) of the teacher over the distil stage's training
-sequences (``--k`` tokens per position, ``--dtype``, ``--value-bits``); a config source
-then needs ``teacher.checkpoint`` (or a pretrained ``teacher.path``) and
-``data.text.tokenizer``, the tokenizer the teacher was trained with.
+sequences (``--k`` tokens per position, ``--dtype``, ``--value-bits`` or ``--curve`` with
+``--exact-k``); a config source then needs ``teacher.checkpoint`` (or a pretrained
+``teacher.path``) and ``data.text.tokenizer``, the tokenizer the teacher was trained with.
 
 ``kdistill cache info PATH`` prints a cache's manifest summary; ``kdistill cache verify
 PATH`` checks every file against its checksum (exit status 1 when one differs). Both
@@ -42,13 +42,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_set_option(b, config="source", help="config overrides by dotted path, e.g. --set data.subset=1000 (a config "
                                             "file source only); repeatable")
     b.add_argument("--mode", choices=["full", "topk"], default=None, help="full logits or top-k (default: the config's, else full)")
-    b.add_argument("--k", type=int, default=None, help="classes kept per sample with --mode topk (default: the config's "
-                                                      "teacher_cache.k); language models: tokens per position (default 64)")
+    b.add_argument("--k", type=int, default=None,
+                   help="classes kept per sample with --mode topk, or tokens per position for a language model "
+                        "(default: the config's teacher_cache.k, else 64 for a language model)")
     b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="storage type of the logits (default: the config's, else float16; bfloat16: language models)")
     b.add_argument("--value-bits", type=int, default=None, metavar="BITS",
                    help="language models: store each log-probability as a BITS-bit code (1-16) on its position's "
                         "grid (default: the config's teacher_cache.value_bits, else --dtype values)")
+    b.add_argument("--curve", type=int, default=None, metavar="TERMS",
+                   help="language models: store the log-probabilities past the top --exact-k as TERMS coefficients "
+                        "(1-7) of a curve in their rank, e.g. 6; not with --value-bits (default: the config's "
+                        "teacher_cache.curve)")
+    b.add_argument("--exact-k", type=int, default=None, metavar="N",
+                   help="language models, with --value-bits or --curve: the top N log-probabilities kept in --dtype, "
+                        "e.g. 8 (default: the config's teacher_cache.exact_k, else min(4, k))")
     b.add_argument("--views", type=int, default=None,
                    help="augmented views per sample, made with the config's data.augment; 0: none "
                         "(default: the config's teacher_cache.views, else 0)")
@@ -162,20 +170,34 @@ def _text_source(args: argparse.Namespace, src: Path, config):
     return data, student_blocks(data.train, config.data.subset, config.seed), teacher.eval()
 
 
-def _token_row_bytes(k: int, vocab: int, dtype: str, value_bits: int | None) -> int | None:
-    """Bytes a token cache stores per position with these settings (None: not known here)."""
+def _token_row_bytes(k: int, vocab: int, dtype: str, value_bits: int | None, curve: int | None = None,
+                     exact_k: int | None = None) -> int | None:
+    """Bytes a token cache stores per position with these settings (None: not known here),
+    with ``exact_k`` resolved as :meth:`TokenCache.build` resolves it."""
     try:
-        from ..teacher.cache.format import token_layout, token_row_bytes
+        from ..teacher.cache.format import check_token_values, token_layout, token_row_bytes
     except ImportError:
         return None
     try:
-        return token_row_bytes(token_layout(k, vocab, dtype, value_bits))
+        exact = check_token_values(k, dtype, value_bits, exact_k, curve)
+        return token_row_bytes(token_layout(k, vocab, dtype, value_bits, exact, curve))
     except (TypeError, ValueError):
         return None
 
 
+def _values_label(dtype: str, bits: int | None, curve: int | None, exact_k: int | None) -> str:
+    """How the log-probabilities are stored, in words."""
+    past = "" if exact_k is None else f" past the top {exact_k}"
+    if bits:
+        return f"{bits}-bit codes{past} ({dtype} ranges)"
+    if curve:
+        return f"a {curve}-term curve{past} ({dtype})"
+    return dtype
+
+
 def run_build_tokens(args: argparse.Namespace, config, src: Path) -> int:
     from ..teacher import TokenCache
+    from ..teacher.cache.format import check_token_values
     from ..teacher.token_cache import trained_positions
 
     for flag, given in (("--mode", args.mode not in (None, "topk")), ("--views", bool(args.views)),
@@ -187,20 +209,31 @@ def run_build_tokens(args: argparse.Namespace, config, src: Path) -> int:
     tc = config.stages.distil.teacher_cache  # resolved for data.text: k, dtype, tail, batch_size
     k = args.k if args.k is not None else (tc.k if tc is not None else 64)
     dtype = args.dtype or (tc.dtype if tc is not None else "float16")
-    bits = args.value_bits if args.value_bits is not None else (tc.value_bits if tc is not None else None)
+    config_values = {name: getattr(tc, name) if tc is not None else None
+                     for name in ("value_bits", "curve", "exact_k")}
+    if args.value_bits is not None or args.curve is not None:  # a flag's encoding replaces the config's
+        config_values.update(value_bits=None, curve=None)
+    bits = args.value_bits if args.value_bits is not None else config_values["value_bits"]
+    curve = args.curve if args.curve is not None else config_values["curve"]
+    exact_k = args.exact_k if args.exact_k is not None else config_values["exact_k"]
+    try:  # what TokenCache.build would refuse, refused before the teacher is loaded
+        check_token_values(k, dtype, bits, exact_k, curve)
+    except (ValueError, TypeError) as e:
+        raise KDistillError(f"{e} (--value-bits, --curve, --exact-k or the config's teacher_cache)") from None
     batch = args.batch_size or (tc.batch_size if tc is not None else 16)
     data, blocks, teacher = _text_source(args, src, config)
     head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
     vocab = int(head.weight.shape[0]) if head is not None else data.vocab_size
     positions = int(trained_positions(blocks).sum())
-    per = _token_row_bytes(k, vocab, dtype, bits)
+    per = _token_row_bytes(k, vocab, dtype, bits, curve, exact_k)
     print(f"teacher {config.teacher.label()} over {data.name}: {len(blocks):,} sequences (the distil stage's), "
           f"{positions:,} trained-on positions, top {k} of {vocab:,} tokens, "
-          + (f"{bits}-bit codes ({dtype} ranges)" if bits else dtype)
+          + _values_label(dtype, bits, curve, exact_k)
           + (f", {per:,} B/position, {_mib(per * positions)}" if per is not None else ""))
     if args.dry_run:
         return 0
-    extra = {} if bits is None else {"value_bits": bits}
+    extra = {name: value for name, value in (("value_bits", bits), ("curve", curve), ("exact_k", exact_k))
+             if value is not None}
     started = time.perf_counter()
     try:
         cache = TokenCache.build(teacher, blocks, args.out, k=k, value_dtype=dtype, batch_size=batch,
@@ -211,7 +244,7 @@ def run_build_tokens(args: argparse.Namespace, config, src: Path) -> int:
           f"{cache.bytes_per_position:g} B/position); distil from it with --set "
           f"stages.distil.teacher_cache.path={cache.path} stages.distil.teacher_cache.k={k} "
           f"stages.distil.teacher_cache.dtype={dtype}"
-          + (f" stages.distil.teacher_cache.value_bits={bits}" if bits else ""))
+          + "".join(f" stages.distil.teacher_cache.{name}={value}" for name, value in extra.items()))
     return 0
 
 
@@ -224,8 +257,9 @@ def run_build(args: argparse.Namespace) -> int:
     text = _text_config(args)
     if text is not None:
         return run_build_tokens(args, *text)
-    if args.value_bits is not None:
-        raise KDistillError("--value-bits is for language-model token caches (a config with data.text)")
+    for flag, given in (("--value-bits", args.value_bits), ("--curve", args.curve), ("--exact-k", args.exact_k)):
+        if given is not None:
+            raise KDistillError(f"{flag} is for language-model token caches (a config with data.text)")
     config, data, teacher = _source(args)
     ds = config.stages.distil
     tc = ds.teacher_cache or TeacherCacheConfig()
@@ -285,9 +319,24 @@ def token_summary(cache) -> dict:
         "path": str(cache.path), "format": m["format"], "format_version": m["format_version"], "k": cache.k,
         "vocab_size": cache.vocab_size, "num_sequences": cache.num_sequences, "num_positions": cache.num_positions,
         "bytes_per_position": cache.bytes_per_position, "value_dtype": m["value_dtype"],
-        "value_bits": m.get("value_bits"), "total_bytes": sum(int(f["bytes"]) for f in m["files"].values()),
+        "value_bits": m.get("value_bits"), "curve": m.get("curve"), "exact_k": m.get("exact_k"),
+        "total_bytes": sum(int(f["bytes"]) for f in m["files"].values()),
         "teacher": m["teacher"], "dataset": m["dataset"], "kdistill_version": m.get("kdistill_version"),
     }
+
+
+def _info_values(info: dict) -> str:
+    """The ``values`` row of ``cache info``: the dtype, and the encoding past the exact ones."""
+    exact_k = info.get("exact_k")
+    past = f" past the top {exact_k}" if exact_k is not None else ""
+    keys = f", exact_k={exact_k})" if exact_k is not None else ")"
+    if info.get("value_bits"):
+        return (f"{info['value_dtype']}, log-probabilities{past} as {info['value_bits']}-bit codes "
+                f"(value_bits={info['value_bits']}{keys}")
+    if info.get("curve"):
+        return (f"{info['value_dtype']}, log-probabilities{past} as a {info['curve']}-term rank curve "
+                f"(curve={info['curve']}{keys}")
+    return info["value_dtype"]
 
 
 def run_info_tokens(args: argparse.Namespace) -> int:
@@ -302,8 +351,7 @@ def run_info_tokens(args: argparse.Namespace) -> int:
         ("path", info["path"]),
         ("kind", f"token cache (top-k next tokens of a language model, format {info['format_version']})"),
         ("k", f"{info['k']} of a vocabulary of {info['vocab_size']:,} tokens"),
-        ("values", info["value_dtype"] + (f", log-probabilities as {info['value_bits']}-bit codes"
-                                          if info["value_bits"] else "")),
+        ("values", _info_values(info)),
         ("positions", f"{info['num_positions']:,} in {info['num_sequences']:,} sequences"),
         ("size", f"{info['bytes_per_position']:g} B/position, {_mib(info['total_bytes'])}"),
         ("teacher", f"{teacher.get('class', '?')} {teacher['fingerprint'][:23]}..."),

@@ -57,8 +57,8 @@ STEP_DEFAULTS = {"precision": "fp32", "accumulate_steps": 1, "max_grad_norm": No
 #: and the weight average of :class:`kdistill.callbacks.EMA`).
 OPTIONAL_DEFAULTS = {**STEP_DEFAULTS, "ema_decay": None, "vocab_size": None, "on_policy": None}
 #: ``teacher_cache`` settings added later, left out while at these defaults (an image run's
-#: cache has neither): a cached stage of an older run keeps its fingerprint.
-CACHE_OPTIONAL_DEFAULTS = {"tail": None, "value_bits": None}
+#: cache has none of them): a cached stage of an older run keeps its fingerprint.
+CACHE_OPTIONAL_DEFAULTS = {"tail": None, "value_bits": None, "curve": None, "exact_k": None}
 #: Stage settings that change where the work runs, not what it computes: never in a
 #: fingerprint (a sharded teacher gives the outputs of the whole one).
 EXECUTION_ONLY = ("shard_teacher",)
@@ -69,7 +69,8 @@ def stage_settings(stage) -> dict[str, Any]:
     training-step settings (``precision``, ``accumulate_steps``, ``max_grad_norm``) and
     ``ema_decay`` left at their defaults, so a stage trained without them keeps its fingerprint (and a
     stored teacher stays reusable); setting one makes it another stage. The ``teacher_cache``
-    settings are kept (``tail`` and ``value_bits`` only when set), ``shard_teacher`` never is."""
+    settings are kept (``tail``, ``value_bits``, ``curve`` and ``exact_k`` only when set),
+    ``shard_teacher`` never is."""
     d = config_dict(stage)
     for key, default in OPTIONAL_DEFAULTS.items():
         if d.get(key, default) == default:
