@@ -89,7 +89,7 @@ def stage_kwargs(kwargs: dict[str, Any], *, stage: str, run_dir: Path) -> dict[s
 
 
 def run_stage(ctx: StageContext, name: str, fp: str, model: nn.Module, make_trainer: Callable[[], Trainer],
-              fit_args: dict[str, Any], *, share: bool) -> dict:
+              fit_args: dict[str, Any], *, share: bool, settings: Any = None) -> dict:
     """Train one stage into ``stages/<name>``, or reuse/resume it: the one function every
     stage (teacher, scratch, assistant, distilled) runs through.
 
@@ -102,6 +102,8 @@ def run_stage(ctx: StageContext, name: str, fp: str, model: nn.Module, make_trai
         fit_args: ``fit``'s arguments (``x``, ``y``, ``epochs``, ...); the stage adds its
             callbacks and the training state to resume from.
         share: publish to / reuse from the stage store (teacher and scratch).
+        settings: the stage's config (default ``stages.<name>``; an ensemble member's
+            stage ``teacher-<tag>`` passes ``stages.teacher`` with its own epochs).
 
     Order of preference: this run's finished stage with the same fingerprint; the same
     stage finished by another run (stage store); this run's interrupted stage (resumed from
@@ -133,7 +135,7 @@ def run_stage(ctx: StageContext, name: str, fp: str, model: nn.Module, make_trai
         ctx.log(f"[{name}] training")
     trainer = make_trainer()
     cfg = ctx.config
-    stage_cfg = getattr(cfg.stages, name)
+    stage_cfg = getattr(cfg.stages, name) if settings is None else settings
     callbacks: list[Callback] = [
         # the weight average first: a checkpoint saved after a step holds that step's average
         *([EMA(stage_cfg.ema_decay)] if stage_cfg.ema_decay is not None else []),
