@@ -33,6 +33,8 @@ from .errors import (
 )
 from .losses import DistillationLoss, KDLoss, KLDivergence, WeightedSum, kd_loss
 from .models import build_model
+from .mutual import MutualLearning, mutual_loss
+from .born_again import born_again
 from .on_policy import OnPolicy
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
@@ -61,6 +63,7 @@ __all__ = [
     "MissingExtraError",
     "ModelCheckpoint",
     "ModelInputError",
+    "MutualLearning",
     "NonFiniteLossError",
     "OnPolicy",
     "Outputs",
@@ -72,6 +75,7 @@ __all__ = [
     "TrainingCheckpoint",
     "UNLABELLED",
     "WeightedSum",
+    "born_again",
     "build_model",
     "get_device",
     "kd_loss",
@@ -79,6 +83,7 @@ __all__ = [
     "load_weights",
     "load_dataset",
     "make_loader",
+    "mutual_loss",
     "save_checkpoint",
     "seed_everything",
 ]

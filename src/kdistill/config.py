@@ -590,12 +590,75 @@ class AssistantStage(DistilStage):
         return self
 
 
+class BornAgainStage(DistilStage):
+    """Born-again networks (Furlanello et al. 2018, "Born-Again Neural Networks",
+    arXiv:1805.04770): ``generations`` networks of the *teacher's* architecture, each
+    distilled on the distil stage's data from the one before; generation 1 from the
+    trained teacher. Each generation is a stage of its own (``stages/born_again_<k>``,
+    stored and resumable), and the report gives each one's test accuracy beside the
+    teacher's. With ``ensemble: true`` the last generation distils from the ensemble of
+    every earlier generation, the teacher included (the mean of their softened
+    probabilities, :class:`kdistill.teacher.EnsembleTeacher`). Every other key is a
+    distil-stage key and applies to every generation; generation ``k`` starts from the
+    weights the teacher's builder gives under seed ``seed + k``."""
+
+    generations: int = Field(ge=1, description="generations to distil, each from the last (generation 1 from the "
+                             "teacher)")
+    ensemble: bool = Field(default=False, description="the last generation distils from the mean of the softened "
+                           "probabilities of every earlier generation and the teacher")
+
+
+class MutualStage(StageConfig):
+    """Deep mutual learning (Zhang et al. 2018, "Deep Mutual Learning", arXiv:1706.00384;
+    :class:`kdistill.MutualLearning`): ``peers`` networks trained together on the labelled
+    data, each distilling from the others' current predictions; no teacher. ``peers`` is a
+    count (that many copies of the student's architecture) or a list of model specs. Peer
+    ``k`` (from 1) starts from the weights its builder gives under seed ``seed + k - 1``
+    (peer 1 thus as the scratch student). One stage (``stages/mutual``) holds every peer,
+    and the report gives each peer's test accuracy beside the scratch student's (the
+    student trained alone: give the scratch stage the same epochs and optimizer for a fair
+    comparison). ``alpha`` weighs the hard-label loss, ``1 - alpha`` the mimicry term."""
+
+    epochs: int = Field(default=2, ge=1)
+    peers: int | list[ModelSpec] = Field(
+        default=2, description="a count of student copies (>= 2), or a list of >= 2 model specs")
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the hard-label loss (0.5, T=1: the "
+                         "paper's loss, halved)")
+    temperature: float = Field(default=1.0, gt=0, description="softening temperature of the mimicry term")
+    target: Literal["peers", "ensemble"] = Field(
+        default="peers", description="peers: mean of the KLs to each other peer (the paper); ensemble: KL to the mean "
+        "of the other peers' distributions")
+
+    @model_validator(mode="after")
+    def _check_peers(self) -> "MutualStage":
+        if isinstance(self.peers, int) and not isinstance(self.peers, bool) and self.peers < 2:
+            raise ValueError(f"stages.mutual.peers is {self.peers}: mutual learning needs at least 2 peers (a count "
+                             "of student copies, or a list of model specs)")
+        if isinstance(self.peers, list):
+            if len(self.peers) < 2:
+                raise ValueError(f"stages.mutual.peers lists {len(self.peers)} model(s): give at least 2")
+            if any(p.checkpoint is not None for p in self.peers):
+                raise ValueError("stages.mutual.peers: a checkpoint is not supported, the peers are trained together "
+                                 "from new weights; remove checkpoint")
+        if self.max_grad_norm is not None:
+            raise ValueError("stages.mutual.max_grad_norm is not supported (one norm over all peers would couple "
+                             "them): remove it")
+        if self.ema_decay is not None:
+            raise ValueError("stages.mutual.ema_decay is not supported: remove it")
+        return self
+
+
 class Stages(_Strict):
     teacher: TeacherStage = Field(default_factory=TeacherStage)
     scratch: ScratchStage = Field(default_factory=ScratchStage)
     assistant: AssistantStage | None = Field(
         default=None, description="teacher-assistant distillation: teacher -> assistant -> distilled student")
     distil: DistilStage = Field(default_factory=DistilStage)
+    born_again: BornAgainStage | None = Field(
+        default=None, description="born-again networks: generations of the teacher's architecture, each distilled "
+        "from the last")
+    mutual: MutualStage | None = Field(
+        default=None, description="deep mutual learning: peers trained together, each distilling from the others")
 
 
 class CheckpointConfig(_Strict):
@@ -645,6 +708,7 @@ class ExperimentConfig(_Strict):
                 "stages.teacher.epochs is 0 (use the teacher as it is), but no teacher.checkpoint is given: set "
                 "teacher.checkpoint to a file of trained weights (kdistill checkpoint, PyTorch state_dict or "
                 ".safetensors), or epochs >= 1 to train the teacher")
+        self._check_new_stages()
         for where in ("distil", "assistant"):
             stage = getattr(self.stages, where)
             if stage is not None and stage.teacher_cache is not None:
@@ -661,6 +725,20 @@ class ExperimentConfig(_Strict):
             if stage is not None and stage.shard_teacher:
                 self._check_sharding(stage, where)
         return self
+
+    def _check_new_stages(self) -> None:
+        """stages.born_again and stages.mutual: image runs, live teachers."""
+        for where in ("born_again", "mutual"):
+            if getattr(self.stages, where) is not None and self.data.text is not None:
+                raise ValueError(f"stages.{where} is for image classification runs; this run has data.text (a "
+                                 f"language-model run): remove stages.{where}")
+        ba = self.stages.born_again
+        if ba is None:
+            return
+        for key, off in (("teacher_cache", None), ("on_policy", None), ("shard_teacher", False)):
+            if getattr(ba, key) != off:
+                raise ValueError(f"stages.born_again.{key} is not supported: each generation distils from the live "
+                                 f"previous generation; remove {key}")
 
     def _check_sharding(self, stage: "DistilStage", where: str) -> None:
         key = f"stages.{where}.shard_teacher"

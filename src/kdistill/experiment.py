@@ -67,6 +67,7 @@ from .data.datasets import DatasetSplits
 from .distiller import Distiller, Trainer, check_precision, loss_temperatures, tapped_layers
 from .errors import ConfigError, KDistillError, RunDirectoryError
 from .losses.base import DistillationLoss, WeightedSum
+from .mutual import MutualLearning, PeerStack
 from .run.directory import (lock_run_dir, prepare_run_dir, read_json, read_run_config, remove_stale_temp_files,
                             tee, verify_stage_checkpoint, write_run_json)
 from .run.fingerprints import data_fingerprint, fingerprint, stage_settings, step_settings
@@ -540,11 +541,17 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
                                            dict(x=x_lab, y=y_lab, epochs=ss.epochs, batch_size=s_batch,
                                                 steps_per_epoch=s_steps, **common), share=True)
 
-    def distil_into(name: str, student: nn.Module, source: nn.Module, source_fp: str, stage) -> dict:
-        """Distil ``student`` from ``source`` (the teacher, or the assistant) with ``stage``'s settings."""
+    def distil_into(name: str, student: nn.Module, source: nn.Module, source_fp: str, stage, *,
+                    model_id: tuple | None = None, settings: dict | None = None) -> dict:
+        """Distil ``student`` from ``source`` (the teacher, the assistant, a born-again
+        generation or their ensemble) with ``stage``'s settings (``model_id`` and
+        ``settings``: what the fingerprint holds of the student and the stage, when not
+        the default ones)."""
         batch = stage.batch_size or d.batch_size
-        model_id = student_id if name == "distil" else (ctx.data_fp, stage.model.dump(), d.subset, aug_id, config.seed)
-        fp = fingerprint(name, model_id, stage_settings(stage), batch, d.unlabelled, source_fp)
+        if model_id is None:
+            model_id = student_id if name == "distil" else (ctx.data_fp, stage.model.dump(), d.subset, aug_id, config.seed)
+        fp = fingerprint(name, model_id, stage_settings(stage) if settings is None else settings, batch,
+                         d.unlabelled, source_fp)
 
         def trainer() -> Trainer:
             loss = build_losses(stage)
@@ -563,7 +570,7 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
         with stage_clock(name):
             return run_stage(ctx, name, fp, student, trainer,
                              dict(x=x_lab, y=y_lab, unlabelled=x_unl, epochs=stage.epochs, batch_size=batch, **common),
-                             share=False)
+                             share=False, settings=stage)
 
     # 4. optionally an assistant of intermediate size, distilled from the teacher (TAKD)
     source, source_fp = teacher, t_fp
@@ -577,16 +584,94 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     distilled = build(config.student)
     results["distil"] = distil_into("distil", distilled, source, source_fp, ds)
 
-    # 6. measure, report, mark finished (rank 0; the others wait for its numbers)
+    # 6. optionally born-again generations of the teacher's architecture, each from the last
+    extra: dict[str, nn.Module] = {}
+    if stages.born_again is not None:
+        extra.update(run_born_again(config, stages.born_again, data, teacher, t_fp, distil_into,
+                                    (ctx.data_fp, d.subset, aug_id, config.seed), results))
+
+    # 7. optionally deep mutual learning of peers, on the scratch student's data
+    if stages.mutual is not None:
+        ms = stages.mutual
+        specs = peer_specs(config, ms)
+        m_batch = ms.batch_size or d.batch_size
+        m_fp = fingerprint("mutual", ctx.data_fp, [s.dump() for s in specs], d.subset, aug_id, config.seed,
+                           stage_settings(ms), m_batch)
+        peers = []
+        for k, spec in enumerate(specs):
+            seed_everything(config.seed + k)  # peer 1 starts as the scratch student; each peer from its own weights
+            peers.append(build_model(spec, data))
+        stack = PeerStack(peers)
+
+        def mutual_trainer() -> Trainer:
+            sched, interval = build_schedule(ms.schedule, ms.epochs, steps(len(x_lab), m_batch, ms.accumulate_steps))
+            dml = MutualLearning(peers, device=device)
+            return dml.compile(lambda params: build_optimizer(ms.optimizer, params), metrics=["accuracy"],
+                               alpha=ms.alpha, temperature=ms.temperature, target=ms.target, scheduler=sched,
+                               scheduler_interval=interval, precision=ms.precision,
+                               accumulate_steps=ms.accumulate_steps)
+
+        with stage_clock("mutual"):
+            results["mutual"] = run_stage(ctx, "mutual", m_fp, stack, mutual_trainer,
+                                          dict(x=x_lab, y=y_lab, epochs=ms.epochs, batch_size=m_batch, **common),
+                                          share=False)
+        for k, peer in enumerate(peers, 1):  # measured one by one; the stage's history holds every peer's
+            results[f"mutual_{k}"] = {**results["mutual"], "history": None}
+            extra[f"mutual_{k}"] = peer
+
+    # 8. measure, report, mark finished (rank 0; the others wait for its numbers)
     metrics = None
     if main:
         log("measuring accuracy, agreement, size and speed")
         models = {"teacher": teacher, **({"assistant": assistant} if assistant is not None else {}),
-                  **({"scratch": scratch} if scratch is not None else {}), "distil": distilled}
+                  **({"scratch": scratch} if scratch is not None else {}), "distil": distilled, **extra}
         with stage_clock("measure"):
             metrics = measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
         finish_run(run_dir, config, metrics, stage_clock, started, log)
     return distributed.broadcast_object(metrics)
+
+
+def run_born_again(config: ExperimentConfig, stage, data: DatasetSplits, teacher: nn.Module, t_fp: str,
+                   distil_into: Callable[..., dict], run_id: tuple, results: dict[str, dict]) -> dict[str, nn.Module]:
+    """``stages.born_again``: generation ``k`` (a new network of the teacher's architecture,
+    initial weights under seed ``seed + k``) distilled from generation ``k - 1`` (the
+    teacher is generation 0), each a stage ``born_again_<k>`` of its own; with ``ensemble``
+    the last generation's teacher is the ensemble of all earlier ones
+    (:class:`~kdistill.teacher.EnsembleTeacher`, mean of softened probabilities).
+
+    A generation's fingerprint holds the stage's settings but ``generations`` and
+    ``ensemble`` (the first generations of a longer chain are those of the shorter one)
+    and its teacher's fingerprint (so a changed generation makes every later one another).
+
+    Returns:
+        ``{"born_again_<k>": network}``; ``results`` gets each generation's stage result.
+    """
+    from .teacher import EnsembleTeacher
+
+    spec = config.teacher.model_copy(update={"checkpoint": None})
+    settings = {k: v for k, v in stage_settings(stage).items() if k not in ("generations", "ensemble")}
+    earlier: list[tuple[nn.Module, str]] = [(teacher, t_fp)]
+    out: dict[str, nn.Module] = {}
+    for k in range(1, stage.generations + 1):
+        name = f"born_again_{k}"
+        seed_everything(config.seed + k)
+        student = build_model(spec, data)
+        source, source_fp = earlier[-1]
+        if stage.ensemble and k == stage.generations and len(earlier) >= 2:
+            source = EnsembleTeacher([m for m, _ in earlier], combine="mean_probs",
+                                     names=[f"gen{i}" for i in range(len(earlier))])
+            source_fp = fingerprint("ensemble", "mean_probs", [fp for _, fp in earlier])
+        results[name] = distil_into(name, student, source, source_fp, stage,
+                                    model_id=(*run_id, spec.dump(), k), settings=settings)
+        earlier.append((student, results[name]["fingerprint"]))
+        out[name] = student
+    return out
+
+
+def peer_specs(config: ExperimentConfig, stage) -> list:
+    """The model specs of ``stages.mutual``'s peers: ``peers`` copies of the student's, or
+    the listed ones."""
+    return [config.student] * stage.peers if isinstance(stage.peers, int) else list(stage.peers)
 
 
 # --------------------------------------------------------------------------- reading runs

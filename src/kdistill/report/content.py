@@ -28,7 +28,11 @@ MISSING = "n/a"
 
 
 def stage_label(stage: str) -> str:
-    """``"distil" -> "distilled"``; other stage keys are their own label."""
+    """``"distil" -> "distilled"``, ``"born_again_2" -> "born-again gen 2"``,
+    ``"mutual_1" -> "mutual peer 1"``; other stage keys are their own label."""
+    for prefix, label in (("born_again_", "born-again gen "), ("mutual_", "mutual peer ")):
+        if stage.startswith(prefix) and stage[len(prefix):].isdigit():
+            return label + stage[len(prefix):]
     return STAGE_LABELS.get(stage, stage)
 
 

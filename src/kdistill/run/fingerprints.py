@@ -37,7 +37,8 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     for key in ("output_dir", "device", "threads", "teacher_store", "checkpoint", "name"):
         d.pop(key, None)
     d["stages"] = {name: None if stage is None else stage_settings(getattr(config.stages, name))
-                   for name, stage in d["stages"].items()}
+                   for name, stage in d["stages"].items()
+                   if not (name in LATER_STAGES and stage is None)}
     # settings added later, left out at their defaults: an older run directory keeps its fingerprint
     if d["data"].get("text") is None:
         d["data"].pop("text", None)
@@ -47,6 +48,9 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     return fingerprint(d)
 
 
+#: Stages added later, left out of a run's fingerprint when the config has none: an older
+#: run directory keeps its fingerprint.
+LATER_STAGES = ("born_again", "mutual")
 #: Report settings of language-model runs, left out of an image run's fingerprint at these defaults.
 REPORT_DEFAULTS = {"samples": 3, "prompt_tokens": 24, "new_tokens": 48}
 
