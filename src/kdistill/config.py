@@ -677,6 +677,52 @@ class ReportConfig(_Strict):
                             "timed generation (greedy, batch 1)")
 
 
+class EnsembleMember(ModelSpec):
+    """One teacher of an ensemble: a model (``name`` or ``_component_``, its keyword
+    arguments, ``checkpoint``) and where it differs from the others: ``tag`` (its name
+    in feature taps, ``"<tag>/<layer>"``, and in the report; default ``t0``, ``t1``,
+    ...), ``seed`` (its initial weights and data order; default the run's seed plus its
+    position, so members differ) and ``epochs`` (default ``stages.teacher.epochs``)."""
+
+    tag: str | None = None
+    seed: int | None = Field(default=None, ge=0)
+    epochs: int | None = Field(default=None, ge=0)
+
+    def model_dump_spec(self) -> dict[str, Any]:
+        """The member as a plain teacher spec (what a single-teacher run's ``teacher``
+        would dump): its stage fingerprint is a single teacher's with the same model."""
+        return {k: v for k, v in self.dump().items() if k not in ("tag", "seed", "epochs")}
+
+
+class EnsembleConfig(_Strict):
+    """Distil from several teachers at once (:class:`kdistill.teacher.EnsembleTeacher`):
+    each member is trained (or loaded) in its own teacher stage, ``stages/teacher-<tag>``
+    with ``stages.teacher``'s settings, and the distil stage learns from their combination."""
+
+    teachers: list[EnsembleMember] = Field(min_length=2, description="the members, two or more")
+    combine: Literal["mean_probs", "mean_logits", "confidence"] = Field(
+        default="mean_probs", description="mean_probs: mean of the members' probabilities at the distillation "
+        "temperature; mean_logits: mean of their logits; confidence: per-sample weights from each member's "
+        "entropy")
+    weights: list[float] | None = Field(default=None, description="one fixed weight per member (null: equal)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnsembleConfig":
+        for i, member in enumerate(self.teachers):
+            if member.tag is None:
+                member.__dict__["tag"] = f"t{i}"
+        labels = [m.tag for m in self.teachers]
+        if len(set(labels)) != len(labels) or any(not lab or "/" in lab for lab in labels):
+            raise ValueError(f"ensemble.teachers tags must be distinct, non-empty and without '/', got {labels}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.teachers):
+                raise ValueError(f"ensemble.weights has {len(self.weights)} values for {len(self.teachers)} teachers: "
+                                 "give one weight per teacher")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"ensemble.weights must be >= 0 and not all 0, got {self.weights}")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment: teacher -> student from scratch -> distilled student -> report."""
 
@@ -691,6 +737,9 @@ class ExperimentConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(name="classic_teacher"))
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(name="classic_student"))
+    ensemble: EnsembleConfig | None = Field(
+        default=None, description="several teachers instead of `teacher`: their combination is the distil stage's "
+        "teacher (image runs)")
     stages: Stages = Field(default_factory=Stages)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -700,10 +749,13 @@ class ExperimentConfig(_Strict):
     def _check(self) -> "ExperimentConfig":
         if self.student.checkpoint is not None:
             raise ValueError("student.checkpoint is not supported: the students are what the run trains")
+        if self.ensemble is not None:
+            self._check_ensemble(self.ensemble)
         ts = self.stages.teacher
         if ts.epochs is None:  # resolved here, so the dumped config and every fingerprint hold a number
             ts.__dict__["epochs"] = 0 if self.teacher.checkpoint is not None else 1
-        elif ts.epochs == 0 and self.teacher.checkpoint is None and "path" not in self.teacher.kwargs:
+        elif (ts.epochs == 0 and self.teacher.checkpoint is None and "path" not in self.teacher.kwargs
+              and self.ensemble is None):
             raise ValueError(
                 "stages.teacher.epochs is 0 (use the teacher as it is), but no teacher.checkpoint is given: set "
                 "teacher.checkpoint to a file of trained weights (kdistill checkpoint, PyTorch state_dict or "
@@ -725,6 +777,29 @@ class ExperimentConfig(_Strict):
             if stage is not None and stage.shard_teacher:
                 self._check_sharding(stage, where)
         return self
+
+    def _check_ensemble(self, ensemble: EnsembleConfig) -> None:
+        # (a dumped config holds the default teacher beside the ensemble: that one is fine)
+        if "teacher" in self.model_fields_set and self.teacher.dump() != {"name": "classic_teacher", "checkpoint": None}:
+            raise ValueError("give either teacher (one teacher) or ensemble.teachers (several), not both: move the "
+                             "teacher into ensemble.teachers")
+        if self.data.text is not None:
+            raise ValueError("ensemble is for image runs; a language-model run (data.text) distils from one teacher")
+        if self.stages.assistant is not None:
+            raise ValueError("ensemble with stages.assistant is not supported: distil from the ensemble directly, or "
+                             "from one teacher through an assistant")
+        if self.stages.distil.teacher_cache is not None:
+            raise ValueError("stages.distil.teacher_cache with ensemble is not supported in a config run: the distil "
+                             "stage runs the members live. In Python, EnsembleTeacher takes a TeacherCache per member")
+        epochs = self.stages.teacher.epochs
+        for i, member in enumerate(ensemble.teachers):
+            if member.seed is None:
+                member.__dict__["seed"] = self.seed + i
+            if member.epochs is None:
+                member.__dict__["epochs"] = epochs if epochs is not None else (0 if member.checkpoint else 1)
+            if member.epochs == 0 and member.checkpoint is None:
+                raise ValueError(f"ensemble.teachers[{i}] ({member.tag}) has epochs 0 (use it as it is) but no "
+                                 "checkpoint: give it a checkpoint of trained weights, or epochs >= 1")
 
     def _check_new_stages(self) -> None:
         """stages.born_again and stages.mutual: image runs, live teachers."""

@@ -313,6 +313,94 @@ def open_teacher_cache(ctx: StageContext, loss: DistillationLoss, teacher: nn.Mo
     return cached
 
 
+def member_fingerprint(config: ExperimentConfig, ctx: StageContext, member, aug_id: list, sha256: str | None) -> str:
+    """An ensemble member's stage fingerprint: a single teacher's (the same formula) with
+    the member's model, seed and epochs."""
+    if member.epochs == 0:
+        return fingerprint("checkpoint", sha256)
+    ts = config.stages.teacher.model_copy(update={"epochs": member.epochs})
+    return fingerprint("teacher", ctx.data_fp, member.model_dump_spec(), stage_settings(ts),
+                       ts.batch_size or config.data.batch_size, aug_id, member.seed, *([sha256] if sha256 else []))
+
+
+def train_ensemble(ctx: StageContext, results: dict, x_train: torch.Tensor, y_train: torch.Tensor,
+                   common: dict, aug_id: list) -> tuple[dict[str, nn.Module], Any, str]:
+    """Train (or load, reuse, resume) each member of ``config.ensemble`` in its own stage
+    ``teacher-<tag>``, with ``stages.teacher``'s settings and the member's seed and epochs.
+
+    Returns:
+        ``({tag: network}, the EnsembleTeacher the distil stage learns from, its
+        fingerprint)``; ``results`` gets each member's stage result and, as
+        ``"teacher"``, the ensemble's.
+    """
+    from .teacher import EnsembleTeacher
+
+    config, ens = ctx.config, ctx.config.ensemble
+    members: dict[str, nn.Module] = {}
+    fps = []
+    for member in ens.teachers:
+        name = f"teacher-{member.tag}"
+        seed_everything(member.seed)  # the member's initial weights
+        model = build_model(member, ctx.data)
+        sha = None
+        if member.checkpoint is not None:
+            source = load_weights(Path(member.checkpoint), model)
+            sha = source["sha256"]
+            ctx.log(f"[{name}] loaded from {member.checkpoint} ({source['format']}, {source['tensors']} tensors)")
+        fp = member_fingerprint(config, ctx, member, aug_id, sha)
+        if member.epochs == 0:
+            results[name] = {"fingerprint": fp, "seconds": 0.0, "history": None, "reused": str(member.checkpoint)}
+        else:
+            ts = config.stages.teacher.model_copy(update={"epochs": member.epochs})
+            batch = ts.batch_size or config.data.batch_size
+
+            def trainer(model=model, ts=ts, batch=batch) -> Trainer:
+                sched, interval = build_schedule(ts.schedule, ts.epochs,
+                                                 steps_per_epoch(len(x_train), batch, ts.accumulate_steps))
+                t = Trainer(model, device=ctx.device)
+                return t.compile(build_optimizer(ts.optimizer, model.parameters()), metrics=["accuracy"],
+                                 temperature=ts.temperature, scheduler=sched, scheduler_interval=interval,
+                                 **step_settings(ts))
+
+            results[name] = run_stage(ctx, name, fp, model, trainer,
+                                      dict(x=x_train, y=y_train, epochs=ts.epochs, batch_size=batch,
+                                           **{**common, "seed": member.seed}), share=True, settings=ts)
+        members[member.tag] = model
+        fps.append(results[name]["fingerprint"])
+    t_fp = fingerprint("ensemble", fps, ens.combine, ens.weights)
+    member_results = [results[f"teacher-{m.tag}"] for m in ens.teachers]
+    reused = [r["reused"] for r in member_results]
+    results["teacher"] = {"fingerprint": t_fp, "seconds": sum(r["seconds"] for r in member_results),
+                          "history": None, "reused": reused[0] if all(r == reused[0] for r in reused) else False}
+    teacher = EnsembleTeacher(list(members.values()), combine=ens.combine, weights=ens.weights,
+                              names=list(members), device=ctx.device)
+    return members, teacher, t_fp
+
+
+def ensemble_module(config: ExperimentConfig, members: list[nn.Module]) -> nn.Module:
+    """The config's ensemble as one network (:class:`~kdistill.teacher.EnsembleModule`), at
+    the distil stage's temperature: the combination its student learns from."""
+    from .teacher import EnsembleModule
+
+    ens = config.ensemble
+    return EnsembleModule(members, ens.combine, config.stages.distil.temperature, ens.weights)
+
+
+def ensemble_metrics(ctx: StageContext, config: ExperimentConfig, models: dict[str, nn.Module], x_test) -> dict:
+    """What the report adds for an ensemble run: the members, the rule, and each model's
+    top-1 agreement with each member on the test set."""
+    from .run.measure import predict_classes
+
+    ens = config.ensemble
+    preds = {k: predict_classes(m, x_test, ctx.device, config.data.eval_batch_size) for k, m in models.items()}
+    return {
+        "combine": ens.combine, "weights": ens.weights, "temperature": config.stages.distil.temperature,
+        "members": {m.tag: {"model": m.model_dump_spec(), "seed": m.seed, "epochs": m.epochs} for m in ens.teachers},
+        "agreement": {m.tag: {k: float((preds[k] == preds[f"teacher-{m.tag}"]).float().mean())
+                              for k in models if k != f"teacher-{m.tag}"} for m in ens.teachers},
+    }
+
+
 def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.device) -> None:
     """Check, before anything trains, what would otherwise fail minutes into a run: labels
     outside the class range, teacher and student (and assistant) scoring different classes,
@@ -348,7 +436,14 @@ def preflight(config: ExperimentConfig, data: DatasetSplits, device: torch.devic
     try:
         x = torch.from_numpy(data.x_train[:2])
         batch = Batch(x, torch.from_numpy(data.y_train[:2]), torch.arange(2))
-        teacher = build_model(config.teacher, data)
+        if config.ensemble is not None:
+            from .teacher import EnsembleTeacher
+
+            ens = config.ensemble
+            teacher = EnsembleTeacher([build_model(m, data) for m in ens.teachers], combine=ens.combine,
+                                      weights=ens.weights, names=[m.tag for m in ens.teachers], device=device)
+        else:
+            teacher = build_model(config.teacher, data)
         pairs = [("distil", teacher, config.student, config.stages.distil)]
         if config.stages.assistant is not None:
             assistant = build_model(config.stages.assistant.model, data)
@@ -486,17 +581,26 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     # 2. the teacher: a checkpoint used as it is, or trained (fine-tuned from the
     #    checkpoint, if one is given) on the full training set
     stage_clock = StageClock()
-    teacher = build(config.teacher)
     results: dict[str, dict] = {}
     ts = stages.teacher
+    members: dict[str, nn.Module] = {}
     source = None
-    if config.teacher.checkpoint is not None:
+    if config.ensemble is not None:  # several teachers, each in its own stage; the distil stage learns from all
+        with stage_clock("teacher"):
+            members, teacher, t_fp = train_ensemble(ctx, results, x_train, y_train, common, aug_id)
+    else:
+        teacher = build(config.teacher)
+    if config.ensemble is not None:
+        pass
+    elif config.teacher.checkpoint is not None:
         path = Path(config.teacher.checkpoint)
         source = load_weights(path, teacher)
         log(f"[teacher] loaded from {path} ({source['format']}, {source['tensors']} tensors"
             + (f", cast from {source['cast_from']}" if source.get("cast_from") else "") + ")")
-    with stage_clock("teacher"):
-        if ts.epochs == 0:
+    with stage_clock("teacher") if config.ensemble is None else contextlib.nullcontext():
+        if config.ensemble is not None:
+            pass
+        elif ts.epochs == 0:
             t_fp = fingerprint("checkpoint", source["sha256"])
             results["teacher"] = {"fingerprint": t_fp, "seconds": 0.0, "history": None, "reused": str(path)}
         else:
@@ -623,10 +727,15 @@ def _run_locked(config: ExperimentConfig, run_dir: Path, *, force: bool, verbose
     metrics = None
     if main:
         log("measuring accuracy, agreement, size and speed")
-        models = {"teacher": teacher, **({"assistant": assistant} if assistant is not None else {}),
+        if config.ensemble is not None:  # the ensemble measured as one network, beside each member
+            teacher = ensemble_module(config, list(members.values()))
+        models = {**{f"teacher-{tag}": m for tag, m in members.items()},
+                  "teacher": teacher, **({"assistant": assistant} if assistant is not None else {}),
                   **({"scratch": scratch} if scratch is not None else {}), "distil": distilled, **extra}
         with stage_clock("measure"):
             metrics = measure(ctx, models, results, x_test, y_test, x_lab, x_unl)
+            if config.ensemble is not None:
+                metrics["ensemble"] = ensemble_metrics(ctx, config, models, x_test)
         finish_run(run_dir, config, metrics, stage_clock, started, log)
     return distributed.broadcast_object(metrics)
 
@@ -677,6 +786,46 @@ def peer_specs(config: ExperimentConfig, stage) -> list:
 # --------------------------------------------------------------------------- reading runs
 
 
+def load_ensemble_model(run_dir: Path, config: ExperimentConfig, stage: str,
+                        data: DatasetSplits | None = None) -> nn.Module:
+    """An ensemble run's ``teacher-<tag>`` member, or its ``teacher``: the members combined
+    (:class:`~kdistill.teacher.EnsembleModule` at the distil stage's temperature); CPU, eval.
+
+    Raises:
+        ValueError: a member tag the run does not have (the tags listed).
+        RunDirectoryError, CheckpointError: as :func:`load_stage_model`.
+    """
+    data = data if data is not None else load_data(config)
+    by_tag = {m.tag: m for m in config.ensemble.teachers}
+    if stage == "teacher":
+        return ensemble_module(config, [load_ensemble_model(run_dir, config, f"teacher-{t}", data)
+                                        for t in by_tag]).eval()
+    tag = stage[len("teacher-"):]
+    if tag not in by_tag:
+        raise ValueError(f"stage {stage!r}: {run_dir} has the ensemble members {[f'teacher-{t}' for t in by_tag]}")
+    member = by_tag[tag]
+    model = build_model(member, data)
+    if member.epochs == 0:  # used as it was given
+        load_weights(member.checkpoint, model)
+        return model.cpu().eval()
+    ckpt = run_dir / "stages" / stage / "checkpoint.pt"
+    done_path = ckpt.parent / "done.json"
+    if not done_path.is_file():
+        raise RunDirectoryError(f"stage '{stage}' of {run_dir} has not finished (no done.json); finish the run first "
+                                f"(`kdistill run --resume {run_dir}`)")
+    try:
+        done = json.loads(done_path.read_text())
+    except ValueError as e:
+        raise RunDirectoryError(f"{done_path} is not valid JSON ({e}); finish the stage again with "
+                                f"`kdistill run --resume {run_dir}`") from e
+    verify_stage_checkpoint(ckpt, done, done_path, fix=(
+        f"Train the stage again with `kdistill run --resume {run_dir}` (it trains only the stages whose "
+        "checkpoints are damaged), or restore an intact copy of the file."))
+    load_checkpoint(ckpt, model)
+    return model.cpu().eval()
+
+
+
 def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSplits | None = None) -> nn.Module:
     """Rebuild a stage's model from a run directory and load its final weights (CPU, eval).
 
@@ -690,6 +839,8 @@ def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSp
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    if config.ensemble is not None and (stage == "teacher" or stage.startswith("teacher-")):
+        return load_ensemble_model(run_dir, config, stage, data)
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     ckpt = run_dir / "stages" / stage / "checkpoint.pt"

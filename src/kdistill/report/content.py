@@ -36,6 +36,17 @@ def stage_label(stage: str) -> str:
     return STAGE_LABELS.get(stage, stage)
 
 
+def model_label(stage: str, metrics: Mapping[str, Any]) -> str:
+    """A row's label: an ensemble run's members ``"teacher-<tag>" -> "teacher <tag>"`` and
+    its combination ``"teacher" -> "ensemble (teacher)"``; else :func:`stage_label`."""
+    if metrics.get("ensemble"):
+        if stage == "teacher":
+            return "ensemble (teacher)"
+        if stage.startswith("teacher-") and stage[len("teacher-"):] in metrics["ensemble"]["members"]:
+            return "teacher " + stage[len("teacher-"):]
+    return stage_label(stage)
+
+
 def caption(key: str) -> str:
     """The caption of the figure ``key`` (:data:`CAPTIONS`, else the key itself)."""
     return CAPTIONS.get(key, key)
@@ -118,9 +129,18 @@ def experiment(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     settings = distil_settings(config)
     losses = " + ".join(name if weight == 1 else f"{_num(weight, 'g')} x {name}"
                         for name, weight in settings["losses"])
+    ens = metrics.get("ensemble")
+    if ens:  # the members, each with its model
+        teacher: list[tuple[str, str]] = [("text", f"Teachers (an ensemble, {ens['combine']} at "
+                                                   f"T={_num(ens['temperature'], 'g')}): ")]
+        for i, (tag, member) in enumerate(ens["members"].items()):
+            teacher += [("text", ", " if i else ""), ("text", f"{tag} "), ("code", component_name(member["model"])),
+                        ("text", f" (seed {member['seed']}, {member['epochs']} epochs)")]
+    else:
+        teacher = [("text", "Teacher "), ("code", component_name(config["teacher"]))]
     return [
         ("text", "Dataset "), ("code", str(ds["name"])), ("text", f" ({', '.join(sizes)}). "),
-        ("text", "Teacher "), ("code", component_name(config["teacher"])),
+        *teacher,
         ("text", "; student "), ("code", component_name(config["student"])), ("text", ". "),
         ("text", f"Distillation: loss {losses}, alpha {_num(settings['alpha'], 'g')}, "
                  f"temperature {_num(settings['temperature'], 'g')}."),
@@ -176,7 +196,7 @@ def table_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
         :func:`model_row`'s cells plus ``"stage"`` (the key) and ``"model"`` (its label).
     """
     models = metrics["models"]
-    return [{"stage": stage, "model": stage_label(stage), **model_row(models[stage], models["teacher"])}
+    return [{"stage": stage, "model": model_label(stage, metrics), **model_row(models[stage], models["teacher"])}
             for stage in metrics["stages"]]
 
 
@@ -206,6 +226,11 @@ def headlines(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         if metrics["agreement"].get(stage) is not None:
             out.append((f"{100 * metrics['agreement'][stage]:.1f}%",
                         f"top-1 agreement of the {stage_label(stage)} student with the teacher", ""))
+    for tag, agreement in ((metrics.get("ensemble") or {}).get("agreement") or {}).items():
+        for stage in ("scratch", "distil"):  # an ensemble run: with each member too
+            if agreement.get(stage) is not None:
+                out.append((f"{100 * agreement[stage]:.1f}%",
+                            f"top-1 agreement of the {stage_label(stage)} student with teacher {tag}", ""))
     return out
 
 

@@ -42,6 +42,8 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     # settings added later, left out at their defaults: an older run directory keeps its fingerprint
     if d["data"].get("text") is None:
         d["data"].pop("text", None)
+    if d.get("ensemble") is None:  # a single-teacher run
+        d.pop("ensemble", None)
     for key, default in REPORT_DEFAULTS.items():
         if d["report"].get(key) == default:
             d["report"].pop(key)

@@ -6,10 +6,10 @@ teacher's next-token distributions (``TokenCache``)."""
 
 from .base import Teacher
 from .cache import CacheError, CacheMismatchError, TeacherCache, estimate_size
-from .ensemble import COMBINE_MODES, EnsembleTeacher, combine_logits, confidence_weights
+from .ensemble import COMBINE_MODES, EnsembleModule, EnsembleTeacher, combine_logits, confidence_weights
 from .live import LiveTeacher
 from .sharded import ShardedTeacher
 from .token_cache import TokenCache
 
-__all__ = ["COMBINE_MODES", "CacheError", "CacheMismatchError", "EnsembleTeacher", "LiveTeacher", "ShardedTeacher",
+__all__ = ["COMBINE_MODES", "CacheError", "CacheMismatchError", "EnsembleModule", "EnsembleTeacher", "LiveTeacher", "ShardedTeacher",
            "Teacher", "TeacherCache", "TokenCache", "combine_logits", "confidence_weights", "estimate_size"]

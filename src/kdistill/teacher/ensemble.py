@@ -289,3 +289,33 @@ class EnsembleTeacher(Teacher):
         members = ", ".join(f"{n}={m!r}" for n, m in zip(self.names, self.members))
         w = "" if len(set(self.weights)) == 1 else f", weights={[round(v, 4) for v in self.weights]}"
         return f"EnsembleTeacher({members}, combine={self.combine!r}{w})"
+
+
+class EnsembleModule(nn.Module):
+    """The ensemble as one network: ``forward(x) = combine_logits([m(x) for m in
+    members], combine, temperature, weights)``.
+
+    What measures the ensemble like any model (its accuracy, the size and latency of all
+    members together), and the way to build *one* cache of the combined output
+    (``TeacherCache.build(EnsembleModule(...), x, path)``), which fixes the rule, the
+    weights and (for ``"mean_probs"`` and ``"confidence"``) the temperature at build time
+    and serves no member's layers; a cache per member keeps all of them open.
+
+    Args:
+        members: the member networks.
+        combine: the rule (:func:`combine_logits`).
+        temperature: ``T`` of the rule; the predicted class of ``"mean_probs"`` depends on it.
+        weights: fixed member weights (``None``: uniform).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], combine: str = "mean_probs", temperature: float = 1.0,
+                 weights: Sequence[float] | None = None):
+        super().__init__()
+        _check_mode(combine)
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+        self.temperature = float(temperature)
+        self.weights = normalized_weights(weights, len(self.members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits([m(x) for m in self.members], self.combine, self.temperature, self.weights)
