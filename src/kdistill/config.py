@@ -684,9 +684,12 @@ class EnsembleMember(ModelSpec):
     ...), ``seed`` (its initial weights and data order; default the run's seed plus its
     position, so members differ) and ``epochs`` (default ``stages.teacher.epochs``)."""
 
-    tag: str | None = None
-    seed: int | None = Field(default=None, ge=0)
-    epochs: int | None = Field(default=None, ge=0)
+    tag: str | None = Field(default=None, description="the member's name in teacher taps (<tag>/<layer>), its "
+                            "stage (teacher-<tag>) and the report; null: t0, t1, ...")
+    seed: int | None = Field(default=None, ge=0, description="seed of its initial weights and data order; null: "
+                             "the run's seed + its position")
+    epochs: int | None = Field(default=None, ge=0, description="its training epochs (0: use checkpoint as it is); "
+                               "null: stages.teacher.epochs")
 
     def model_dump_spec(self) -> dict[str, Any]:
         """The member as a plain teacher spec (what a single-teacher run's ``teacher``
