@@ -38,7 +38,7 @@ from .born_again import born_again
 from .on_policy import OnPolicy
 from .outputs import UNLABELLED, Batch, Outputs
 from .runtime import get_device, seed_everything
-from .teacher import LiveTeacher, Teacher, TeacherCache
+from .teacher import EnsembleTeacher, LiveTeacher, Teacher, TeacherCache
 
 __all__ = [
     "__version__",
@@ -51,6 +51,7 @@ __all__ = [
     "DistillationLoss",
     "Distiller",
     "EarlyStopping",
+    "EnsembleTeacher",
     "ExportParityError",
     "History",
     "IdxFormatError",
