@@ -103,6 +103,12 @@ def test_generations_are_stages_of_the_teachers_architecture_in_the_report(tmp_p
     assert all(f"born-again gen {k}" in report for k in (1, 2, 3))
     # the generations start from their own weights, and learned from their teachers
     assert m["agreement"]["born_again_1"] > 0.5
+    from kdistill.experiment import load_stage_model
+
+    gen2 = load_stage_model(out, "born_again_2")
+    assert sum(p.numel() for p in gen2.parameters()) == m["models"]["teacher"]["parameters"]
+    with pytest.raises(ValueError, match="born_again_1 to born_again_3"):
+        load_stage_model(out, "born_again_4")
 
 
 def test_a_longer_chain_shares_the_fingerprints_and_weights_of_its_first_generations(tmp_path):

@@ -197,6 +197,11 @@ def test_the_mutual_stage_trains_every_peer_and_reports_each_against_scratch(tmp
     assert "mutual peer 1" in report and "mutual peer 2" in report
     state = torch.load(out / "stages" / "mutual" / "checkpoint.pt", weights_only=False)["state_dict"]
     assert any(k.startswith("peers.1.") for k in state)
+    from kdistill.experiment import load_stage_model
+
+    peer2 = load_stage_model(out, "mutual_2")
+    assert sum(p.numel() for p in peer2.parameters()) == m["models"]["mutual_2"]["parameters"]
+    assert all(torch.equal(v, state[f"peers.1.{k}"]) for k, v in peer2.state_dict().items())
 
 
 def test_the_mutual_stage_resumes_in_the_middle_bit_identical(tmp_path):

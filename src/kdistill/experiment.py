@@ -826,6 +826,36 @@ def load_ensemble_model(run_dir: Path, config: ExperimentConfig, stage: str,
 
 
 
+def load_generation_or_peer(run_dir: Path, config: ExperimentConfig, stage: str, data: DatasetSplits | None) -> nn.Module:
+    """:func:`load_stage_model` of born-again generation ``born_again_<k>`` (its own stage)
+    or mutual-learning peer ``mutual_<k>`` (from the ``mutual`` stage, which holds every
+    peer), ``k`` from 1."""
+    kind, _, index = stage.rpartition("_")
+    count = {"born_again": config.stages.born_again and config.stages.born_again.generations,
+             "mutual": config.stages.mutual and len(peer_specs(config, config.stages.mutual))}[kind]
+    if not count:
+        raise RunDirectoryError(f"{run_dir} has no {kind} stage (its config sets no stages.{kind})")
+    if not index.isdigit() or not 1 <= int(index) <= count:
+        raise ValueError(f"stage {stage!r}: this run has {kind}_1 to {kind}_{count}")
+    k = int(index)
+    sdir = run_dir / "stages" / (stage if kind == "born_again" else "mutual")
+    done_path = sdir / "done.json"
+    if not done_path.is_file():
+        raise RunDirectoryError(f"stage '{sdir.name}' of {run_dir} has not finished (no done.json); finish the run "
+                                f"first (`kdistill run --resume {run_dir}`)")
+    data = data if data is not None else load_data(config)
+    if kind == "born_again":
+        model = build_model(config.teacher.model_copy(update={"checkpoint": None}), data)
+    else:
+        model = PeerStack([build_model(spec, data) for spec in peer_specs(config, config.stages.mutual)])
+    verify_stage_checkpoint(sdir / "checkpoint.pt", json.loads(done_path.read_text()), done_path, fix=(
+        f"Train the stage again with `kdistill run --resume {run_dir}`, or restore an intact copy of the file."))
+    load_checkpoint(sdir / "checkpoint.pt", model)
+    if kind == "mutual":
+        model = model.peers[k - 1]
+    return model.cpu().eval()
+
+
 def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSplits | None = None) -> nn.Module:
     """Rebuild a stage's model from a run directory and load its final weights (CPU, eval).
 
@@ -841,8 +871,10 @@ def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSp
     config = read_run_config(run_dir)
     if config.ensemble is not None and (stage == "teacher" or stage.startswith("teacher-")):
         return load_ensemble_model(run_dir, config, stage, data)
+    if stage.startswith(("born_again_", "mutual_")):
+        return load_generation_or_peer(run_dir, config, stage, data)
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        raise ValueError(f"stage must be one of {STAGES}, born_again_<k> or mutual_<k>, got {stage!r}")
     ckpt = run_dir / "stages" / stage / "checkpoint.pt"
     given = config.teacher.checkpoint or config.teacher.kwargs.get("path")  # a teacher used as it was given
     if not (run_dir / "stages" / stage / "done.json").is_file() and not (stage == "teacher" and given):
