@@ -100,7 +100,7 @@ def test_generations_are_stages_of_the_teachers_architecture_in_the_report(tmp_p
         assert len(m["histories"][f"born_again_{k}"]["history"]["val_accuracy"]) == 2
     assert len({m["fingerprints"][f"born_again_{k}"] for k in (1, 2, 3)}) == 3
     report = (out / "report.md").read_text()
-    assert all(f"born-again gen {k}" in report for k in (1, 2, 3))
+    assert all(f"born-again gen {k} vs the teacher (generation 0)" in report for k in (1, 2, 3))
     # the generations start from their own weights, and learned from their teachers
     assert m["agreement"]["born_again_1"] > 0.5
     from kdistill.experiment import load_stage_model

@@ -195,6 +195,9 @@ def test_the_mutual_stage_trains_every_peer_and_reports_each_against_scratch(tmp
     assert len(hist["val_peer1_accuracy"]) == 2 and "peer2_distillation_loss" in hist
     report = (out / "report.md").read_text()
     assert "mutual peer 1" in report and "mutual peer 2" in report
+    # the headline compares a peer with the scratch student when it is the same network
+    assert "mutual peer 1 vs the same student trained alone" in report
+    assert "mutual peer 2 vs the same student" not in report
     state = torch.load(out / "stages" / "mutual" / "checkpoint.pt", weights_only=False)["state_dict"]
     assert any(k.startswith("peers.1.") for k in state)
     from kdistill.experiment import load_stage_model

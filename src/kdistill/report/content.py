@@ -231,6 +231,34 @@ def headlines(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             if agreement.get(stage) is not None:
                 out.append((f"{100 * agreement[stage]:.1f}%",
                             f"top-1 agreement of the {stage_label(stage)} student with teacher {tag}", ""))
+    out += extra_stage_headlines(metrics)
+    return out
+
+
+def extra_stage_headlines(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Born-again generations against the teacher (generation 0), and mutual-learning peers
+    of the student's architecture against the scratch student (the same network alone), in
+    test-accuracy points."""
+    models, stages = metrics["models"], metrics["stages"]
+    config = metrics.get("config") or {}
+    out = []
+    teacher = models.get("teacher", {}).get("test_accuracy")
+    for stage in stages:
+        if stage.startswith("born_again_") and teacher is not None:
+            gain = 100 * (models[stage]["test_accuracy"] - teacher)
+            out.append((f"{gain:+.2f} points", f"{stage_label(stage)} vs the teacher (generation 0)",
+                        "good" if gain > 0 else "bad" if gain < 0 else ""))
+    peers = ((config.get("stages") or {}).get("mutual") or {}).get("peers")
+    alone = models.get("scratch", {}).get("test_accuracy")
+    for stage in stages:
+        if not stage.startswith("mutual_") or alone is None:
+            continue
+        k = int(stage.rpartition("_")[2])
+        if isinstance(peers, list) and peers[k - 1] != config.get("student"):
+            continue  # another architecture than the scratch student's: no baseline in this run
+        gain = 100 * (models[stage]["test_accuracy"] - alone)
+        out.append((f"{gain:+.2f} points", f"{stage_label(stage)} vs the same student trained alone (scratch)",
+                    "good" if gain > 0 else "bad" if gain < 0 else ""))
     return out
 
 
