@@ -138,6 +138,7 @@ def test_bad_ensemble_configs_are_refused(tmp_path, change, message):
 def test_an_unprefixed_teacher_tap_is_refused_before_training(tmp_path):
     raw = _raw(tmp_path / "run")
     raw["stages"]["distil"]["losses"] = [{"name": "hint", "student_layer": "2", "teacher_layer": "2"}]
-    with pytest.raises(Exception, match=r"stages.distil: teacher layer '2': the teacher is an ensemble.*\['wide', 't1'\]"):
+    with pytest.raises(Exception, match=r"stages.distil: teacher layer '2': the teacher is an ensemble.*"
+                                        r"\['wide', 't1'\]"):
         _run(tmp_path, "bad", raw)
     assert not (tmp_path / "run" / "stages" / "teacher-wide").exists()

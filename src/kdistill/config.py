@@ -783,7 +783,8 @@ class ExperimentConfig(_Strict):
 
     def _check_ensemble(self, ensemble: EnsembleConfig) -> None:
         # (a dumped config holds the default teacher beside the ensemble: that one is fine)
-        if "teacher" in self.model_fields_set and self.teacher.dump() != {"name": "classic_teacher", "checkpoint": None}:
+        default_teacher = {"name": "classic_teacher", "checkpoint": None}
+        if "teacher" in self.model_fields_set and self.teacher.dump() != default_teacher:
             raise ValueError("give either teacher (one teacher) or ensemble.teachers (several), not both: move the "
                              "teacher into ensemble.teachers")
         if self.data.text is not None:

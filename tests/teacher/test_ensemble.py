@@ -95,7 +95,8 @@ def test_one_member_combines_to_itself():
 
 def test_combine_refuses_bad_arguments():
     zs = _logits(2)
-    with pytest.raises(ValueError, match=r"combine must be one of \['mean_logits', 'mean_probs', 'confidence'\], got 'max'"):
+    with pytest.raises(ValueError, match=r"combine must be one of \['mean_logits', 'mean_probs', 'confidence'\], "
+                                         r"got 'max'"):
         combine_logits(zs, "max")
     with pytest.raises(ValueError, match=r"weights has 3 values for 2 teachers"):
         combine_logits(zs, "mean_probs", weights=[1, 1, 1])

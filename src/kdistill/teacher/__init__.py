@@ -11,5 +11,6 @@ from .live import LiveTeacher
 from .sharded import ShardedTeacher
 from .token_cache import TokenCache
 
-__all__ = ["COMBINE_MODES", "CacheError", "CacheMismatchError", "EnsembleModule", "EnsembleTeacher", "LiveTeacher", "ShardedTeacher",
-           "Teacher", "TeacherCache", "TokenCache", "combine_logits", "confidence_weights", "estimate_size"]
+__all__ = ["COMBINE_MODES", "CacheError", "CacheMismatchError", "EnsembleModule", "EnsembleTeacher", "LiveTeacher",
+           "ShardedTeacher", "Teacher", "TeacherCache", "TokenCache", "combine_logits", "confidence_weights",
+           "estimate_size"]
