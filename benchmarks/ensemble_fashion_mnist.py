@@ -11,7 +11,10 @@ float32: exact), so every distillation costs what plain student training costs.
 Then, per student seed, the same ``classic_student`` (same initial weights, same data
 order, same epochs, same loss: KD at ``--temperature`` with ``alpha`` 0.1) is distilled
 from (a) the ensemble of the three (``--combine``, default the mean of probabilities at
-T), (b) the best single teacher (highest test accuracy), and trained (c) from scratch.
+T), (b) the best single teacher (highest test accuracy), and trained (c) from scratch; in
+two regimes: every label (``all``), and 1,000 class-balanced labels with the other 59,000
+training images as an unlabelled transfer set (``labels1000``, the main job's few-label
+regime; the scratch student gets as many optimizer steps on its 1,000 samples).
 Reported: each teacher's and the ensemble's test accuracy, each student's test accuracy
 and its agreement (same predicted class on the test set) with each teacher and the
 ensemble; per arm mean, min and max over seeds, and the per-seed gain of (a) over (b).
@@ -33,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).parent
@@ -42,7 +46,7 @@ from _results import open_results, package_source, stamp  # noqa: E402
 
 import kdistill  # noqa: E402
 from kdistill.atomic import atomic_write_text  # noqa: E402
-from kdistill.data import load_dataset  # noqa: E402
+from kdistill.data import load_dataset, split_labelled  # noqa: E402
 from kdistill.losses import KDLoss  # noqa: E402
 from kdistill.models import build_model  # noqa: E402
 from kdistill.runtime import machine_description, seed_everything, set_threads  # noqa: E402
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3, help="student epochs, every arm")
+    p.add_argument("--regimes", nargs="+", default=["all", "labels1000"],
+                   help="all: every label; labels<N>: N labels + the rest as an unlabelled transfer set")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--combine", default="mean_probs", choices=["mean_probs", "mean_logits", "confidence"])
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"teachers": TEACHERS, "student": "classic_student", "epochs": args.epochs, "batch_size": 64,
                 "optimizer": "adam lr 1e-3", "temperature": args.temperature, "alpha": args.alpha,
-                "combine": args.combine, "threads": args.threads, "data": "fashion_mnist, all 60000 labels"}
+                "combine": args.combine, "threads": args.threads, "regimes": args.regimes}
     results = open_results(args.out, settings, fresh=args.fresh)
     results["settings"] = settings
     runs = results.setdefault("runs", {})
@@ -130,46 +136,66 @@ def main(argv: list[str] | None = None) -> int:
     results["best_single"] = best
     save()
 
-    # 3. per seed: the same student distilled from the ensemble, from the best teacher, and from scratch
-    arms = {"ensemble": lambda: EnsembleTeacher([caches[n] for n in names], combine=args.combine, names=names),
-            "best_single": lambda: caches[best], "scratch": lambda: None}
-    for seed in args.seeds:
-        for arm, make in arms.items():
-            key = f"{arm}/seed{seed}"
-            if key in runs:
-                continue
-            t0 = time.time()
-            seed_everything(seed)
-            student = build_model("classic_student", **SIZE)
-            teacher = make()
-            if teacher is None:
-                trainer = kdistill.Trainer(student, device="cpu")
-                trainer.compile("adam", metrics=["accuracy"])
+    # 3. per regime and seed: the same student distilled from the ensemble, from the best teacher, and from
+    #    scratch. Regime "all": every label. Regime "labels<N>": N class-balanced labels (picked by the seed) and
+    #    the other training images as a transfer set with soft targets only; the scratch student gets as many
+    #    optimizer steps, cycling its N samples.
+    n = len(y)
+    full_steps = -(-n // 64)
+    arms = ("ensemble", "best_single", "scratch")
+    for regime in args.regimes:
+        for seed in args.seeds:
+            if regime == "all":
+                rows, x_lab, y_lab, x_unl, scratch_steps = np.arange(n), x, y, None, None
             else:
-                trainer = kdistill.Distiller(student, teacher=teacher, device="cpu")
-                trainer.compile("adam", metrics=["accuracy"], alpha=args.alpha,
-                                distillation_loss_fn=KDLoss(temperature=args.temperature))
-            trainer.fit(x, y, epochs=args.epochs, batch_size=64, seed=seed, verbose=0)
-            sp = predict(student, xt).argmax(-1)
-            runs[key] = {"test_accuracy": float((sp == yt).float().mean()),
-                         "agreement": {**{n: float((sp == preds[n].argmax(-1)).float().mean()) for n in names},
-                                       "ensemble": float((sp == ens_pred).float().mean())},
-                         "seconds": time.time() - t0}
-            wall += time.time() - t0
-            print(f"{key}: {runs[key]['test_accuracy']:.4f} ({runs[key]['seconds']:.0f} s)", flush=True)
-            save()
+                il, _, ir, _ = split_labelled(np.arange(n), data.y_train, int(regime[len("labels"):]), seed=seed)
+                rows, x_lab, y_lab, x_unl, scratch_steps = np.concatenate([il, ir]), x[il], y[il], x[ir], full_steps
+            for arm in arms:
+                key = f"{regime}/{arm}/seed{seed}"
+                if key in runs:
+                    continue
+                t0 = time.time()
+                seed_everything(seed)
+                student = build_model("classic_student", **SIZE)
+                served = {k: c.reindexed(rows) for k, c in caches.items()}  # fit's order: labelled, then the rest
+                if arm == "scratch":
+                    trainer = kdistill.Trainer(student, device="cpu")
+                    trainer.compile("adam", metrics=["accuracy"])
+                    trainer.fit(x_lab, y_lab, epochs=args.epochs, batch_size=64, seed=seed, verbose=0,
+                                steps_per_epoch=scratch_steps)
+                else:
+                    teacher = (EnsembleTeacher([served[k] for k in names], combine=args.combine, names=names)
+                               if arm == "ensemble" else served[best])
+                    trainer = kdistill.Distiller(student, teacher=teacher, device="cpu")
+                    trainer.compile("adam", metrics=["accuracy"], alpha=args.alpha,
+                                    distillation_loss_fn=KDLoss(temperature=args.temperature))
+                    trainer.fit(x_lab, y_lab, unlabelled=x_unl, epochs=args.epochs, batch_size=64, seed=seed,
+                                verbose=0)
+                sp = predict(student, xt).argmax(-1)
+                runs[key] = {"test_accuracy": float((sp == yt).float().mean()),
+                             "agreement": {**{k: float((sp == preds[k].argmax(-1)).float().mean()) for k in names},
+                                           "ensemble": float((sp == ens_pred).float().mean())},
+                             "seconds": time.time() - t0}
+                wall += time.time() - t0
+                print(f"{key}: {runs[key]['test_accuracy']:.4f} ({runs[key]['seconds']:.0f} s)", flush=True)
+                save()
 
-    # 4. summary per arm, and the gain of the ensemble over the best teacher per seed
-    summary = {}
-    for arm in arms:
-        accs = [runs[f"{arm}/seed{s}"]["test_accuracy"] for s in args.seeds if f"{arm}/seed{s}" in runs]
-        if accs:
-            summary[arm] = {"mean": statistics.mean(accs), "min": min(accs), "max": max(accs),
-                            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs)}
-    gains = [100 * (runs[f"ensemble/seed{s}"]["test_accuracy"] - runs[f"best_single/seed{s}"]["test_accuracy"])
-             for s in args.seeds if f"ensemble/seed{s}" in runs and f"best_single/seed{s}" in runs]
-    summary["ensemble_minus_best_single_points"] = {"per_seed": gains,
-                                                    "mean": statistics.mean(gains) if gains else None}
+    # 4. summary per regime and arm, and the gain of the ensemble over the best teacher per seed
+    summary: dict = {}
+    for regime in args.regimes:
+        part = summary[regime] = {}
+        for arm in arms:
+            done = [runs[f"{regime}/{arm}/seed{s}"] for s in args.seeds if f"{regime}/{arm}/seed{s}" in runs]
+            if done:
+                accs = [r["test_accuracy"] for r in done]
+                part[arm] = {"mean": statistics.mean(accs), "min": min(accs), "max": max(accs),
+                             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
+                             "agreement_with_ensemble_mean": statistics.mean(r["agreement"]["ensemble"] for r in done),
+                             "agreement_with_best_mean": statistics.mean(r["agreement"][best] for r in done)}
+        pairs = [(runs.get(f"{regime}/ensemble/seed{s}"), runs.get(f"{regime}/best_single/seed{s}")) for s in args.seeds]
+        gains = [100 * (e["test_accuracy"] - b["test_accuracy"]) for e, b in pairs if e and b]
+        part["ensemble_minus_best_single_points"] = {"per_seed": gains,
+                                                     "mean": statistics.mean(gains) if gains else None}
     results["summary"] = summary
     save()
     print(json.dumps(summary, indent=1))
