@@ -12,7 +12,11 @@ Sized for a 2-core CPU shared with other work (about 12 minutes): a labelled sub
 few epochs, so the numbers are those of short training, not of converged networks.
 
     python benchmarks/born_again_fashion_mnist.py [--generations 3] [--seeds 0 1 2]
-        [--train 10000] [--epochs 3] [--out benchmarks/results/born_again_fashion_mnist.json]
+        [--train 10000] [--epochs 3] [--alpha 0] [--temperature 1] [--ensemble]
+        [--out benchmarks/results/born_again_fashion_mnist.json]
+
+``--ensemble``: the last generation learns from the ensemble of every earlier one, the
+teacher included (``born_again(ensemble=True)``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def main() -> None:
     p.add_argument("--width", type=float, default=4.0, help="classic_student width of every generation")
     p.add_argument("--alpha", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--ensemble", action="store_true", help="the last generation learns from the ensemble of all "
+                   "earlier ones (the teacher included)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="replace a results file made with other settings")
     p.add_argument("--out", default=str(HERE / "results" / "born_again_fashion_mnist.json"))
@@ -59,6 +65,8 @@ def main() -> None:
     settings = {"model": f"classic_student(width={args.width})", "train": args.train, "epochs": args.epochs,
                 "generations": args.generations, "alpha": args.alpha, "temperature": args.temperature,
                 "batch_size": 64, "optimizer": "adam lr 1e-3", "test": "the 10,000 test images"}
+    if args.ensemble:  # (absent otherwise: files made before the option keep their settings)
+        settings["ensemble"] = True
     results = open_results(args.out, settings, fresh=args.fresh)
     results["settings"] = settings
     runs = results.setdefault("runs", {})
@@ -87,7 +95,8 @@ def main() -> None:
             return build_model("classic_student", width=args.width)
 
         gens = born_again(model_fn, teacher, x, y, generations=args.generations, optimizer="adam",
-                          learning_rate=1e-3, alpha=args.alpha, temperature=args.temperature, seed=seed, **fit)
+                          learning_rate=1e-3, alpha=args.alpha, temperature=args.temperature, ensemble=args.ensemble,
+                          seed=seed, **fit)
         nets = [teacher] + [g.student for g in gens]
         outs = [logits(n, x_test) for n in nets]
         acc = [float((o.argmax(-1) == y_test).float().mean()) for o in outs]
