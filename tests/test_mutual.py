@@ -3,7 +3,6 @@ checkpoint and resume (Python and YAML), and the config's refusals."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
