@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                              "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
                              "agreement_with_ensemble_mean": statistics.mean(r["agreement"]["ensemble"] for r in done),
                              "agreement_with_best_mean": statistics.mean(r["agreement"][best] for r in done)}
-        pairs = [(runs.get(f"{regime}/ensemble/seed{s}"), runs.get(f"{regime}/best_single/seed{s}")) for s in args.seeds]
+        pairs = [(runs.get(f"{regime}/ensemble/seed{s}"), runs.get(f"{regime}/best_single/seed{s}"))
+                 for s in args.seeds]
         gains = [100 * (e["test_accuracy"] - b["test_accuracy"]) for e, b in pairs if e and b]
         part["ensemble_minus_best_single_points"] = {"per_seed": gains,
                                                      "mean": statistics.mean(gains) if gains else None}
