@@ -813,14 +813,7 @@ def load_ensemble_model(run_dir: Path, config: ExperimentConfig, stage: str,
     if not done_path.is_file():
         raise RunDirectoryError(f"stage '{stage}' of {run_dir} has not finished (no done.json); finish the run first "
                                 f"(`kdistill run --resume {run_dir}`)")
-    try:
-        done = json.loads(done_path.read_text())
-    except ValueError as e:
-        raise RunDirectoryError(f"{done_path} is not valid JSON ({e}); finish the stage again with "
-                                f"`kdistill run --resume {run_dir}`") from e
-    verify_stage_checkpoint(ckpt, done, done_path, fix=(
-        f"Train the stage again with `kdistill run --resume {run_dir}` (it trains only the stages whose "
-        "checkpoints are damaged), or restore an intact copy of the file."))
+    _verify_finished(ckpt, done_path, run_dir)
     load_checkpoint(ckpt, model)
     return model.cpu().eval()
 
@@ -854,6 +847,18 @@ def load_generation_or_peer(run_dir: Path, config: ExperimentConfig, stage: str,
     if kind == "mutual":
         model = model.peers[k - 1]
     return model.cpu().eval()
+
+
+def _verify_finished(ckpt: Path, done_path: Path, run_dir: Path) -> None:
+    """Check a finished stage's checkpoint against the SHA-256 its ``done.json`` records."""
+    try:
+        done = json.loads(done_path.read_text())
+    except ValueError as e:
+        raise RunDirectoryError(f"{done_path} is not valid JSON ({e}); finish the stage again with "
+                                f"`kdistill run --resume {run_dir}`") from e
+    verify_stage_checkpoint(ckpt, done, done_path, fix=(
+        f"Train the stage again with `kdistill run --resume {run_dir}` (it trains only the stages whose "
+        "checkpoints are damaged), or restore an intact copy of the file."))
 
 
 def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSplits | None = None) -> nn.Module:
@@ -896,13 +901,6 @@ def load_stage_model(run_dir: str | Path, stage: str = "distil", data: DatasetSp
     else:
         done_path = ckpt.parent / "done.json"
         if done_path.is_file():
-            try:
-                done = json.loads(done_path.read_text())
-            except ValueError as e:
-                raise RunDirectoryError(f"{done_path} is not valid JSON ({e}); finish the stage again with "
-                                        f"`kdistill run --resume {run_dir}`") from e
-            verify_stage_checkpoint(ckpt, done, done_path, fix=(
-                f"Train the stage again with `kdistill run --resume {run_dir}` (it trains only the stages whose "
-                "checkpoints are damaged), or restore an intact copy of the file."))
+            _verify_finished(ckpt, done_path, run_dir)
         load_checkpoint(ckpt, model)
     return model.cpu().eval()
